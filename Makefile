@@ -1,0 +1,34 @@
+# Loupe: `make demo` and `make test` bootstrap .venv themselves (idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# this machine's pip config names local indexes that may be absent: keep their noise out
+PIP_QUIET := 2> >(grep -v "is ignored: it is neither" >&2)
+
+.PHONY: venv demo test test-fast bench lint clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip $(PIP_QUIET)
+	$(PY) -m pip install -q torch==2.13.0 $(PIP_QUIET)
+	$(PY) -m pip install -q -e '.[dev]' $(PIP_QUIET)
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(VENV)/bin/loupe demo
+
+test: venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean-demo:
+	rm -rf data/demo runs/demo
