@@ -16,7 +16,6 @@ import io
 import json
 import math
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 
 from data_contracts import schemas
+from pipelines.storage import atomic_dir
 
 CATEGORIES = ("lamp", "sofa", "chair", "rug", "vase", "table", "mug", "bag")
 SHAPE_FAMILIES = ("a", "b", "c")
@@ -221,8 +221,8 @@ def _shape_mask(category: str, family: str, geo: np.ndarray, size: int) -> Image
             d.polygon([(x0, 0.3 * s), (x0 + w, 0.3 * s), (x0 + w * 0.85, 0.78 * s),
                        (x0 + w * 0.15, 0.78 * s)], 255)
         else:
-            d.rounded_rectangle([x0, 0.3 * s * g1, x0 + w, 0.78 * s], radius=int(0.03 * s * (fi + 1)),
-                                fill=255)
+            d.rounded_rectangle([x0, 0.3 * s * g1, x0 + w, 0.78 * s],
+                                radius=int(0.03 * s * (fi + 1)), fill=255)
         hw = 0.12 * s * g2
         d.ellipse([x0 + w - hw / 3, 0.4 * s, x0 + w + hw, 0.62 * s], outline=255,
                   width=max(2, int(0.04 * s)))
@@ -527,13 +527,16 @@ def generate_world(size_name: str, seed: int, out: Path, workers: int | None = N
     """Generate a world into `out` (replaced atomically) and return its summary."""
     if size_name not in SIZES:
         raise ValueError(f"unknown world size {size_name!r}; choose from {sorted(SIZES)}")
-    size = SIZES[size_name]
-    workers = workers or min(4, os.cpu_count() or 1)
     t0 = time.perf_counter()
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "tables").mkdir(parents=True)
+    with atomic_dir(Path(out)) as tmp:
+        workers = workers or min(4, os.cpu_count() or 1)
+        summary = _generate_into(tmp, SIZES[size_name], seed, workers)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    return summary
+
+
+def _generate_into(tmp: Path, size: WorldSize, seed: int, workers: int) -> dict:
+    (tmp / "tables").mkdir()
     (tmp / "truth").mkdir()
 
     products = _make_products(size, seed)
@@ -557,7 +560,8 @@ def generate_world(size_name: str, seed: int, out: Path, workers: int | None = N
 
         by_cat = {c: [r for r in records if r["category"] == c] for c in CATEGORIES}
         scene_objects: list[dict] = []
-        scene_jobs = [(seed, a, b, "scenes", by_cat) for a, b in _chunks(size.n_scenes, workers * 4)]
+        scene_jobs = [(seed, a, b, "scenes", by_cat)
+                      for a, b in _chunks(size.n_scenes, workers * 4)]
         if size.n_scenes and size.render_images:
             for imgs, objs in pool.map(_scene_images, scene_jobs):
                 _write_images(tmp, imgs)
@@ -597,7 +601,7 @@ def generate_world(size_name: str, seed: int, out: Path, workers: int | None = N
          "examination": examination_propensity(positions).round(6).tolist()}, indent=1))
 
     summary = {
-        "size": size_name, "seed": seed, "params": asdict(size),
+        "size": size.name, "seed": seed, "params": asdict(size),
         "counts": {"products": len(products), "clusters": int(products["cluster_id"].nunique()),
                    "catalog_items": len(catalog), "impressions": len(impressions_df),
                    "sessions": size.n_sessions, "scenes": n_sc, "rater_queries": len(rater_q),
@@ -605,9 +609,6 @@ def generate_world(size_name: str, seed: int, out: Path, workers: int | None = N
         "world_end": WORLD_END.isoformat(),
     }
     (tmp / "world.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
 
 
@@ -623,7 +624,7 @@ def _make_rater_set(items: pd.DataFrame, products: pd.DataFrame, size: WorldSize
     # stratified: equal share of held-out clusters in every category
     held = []
     for cat in CATEGORIES:
-        cat_clusters = np.array(sorted(products.loc[products.category == cat, "cluster_id"].unique()))
+        cat_clusters = np.sort(products.loc[products.category == cat, "cluster_id"].unique())
         k = max(1, n_held // len(CATEGORIES))
         held.extend(rng.choice(cat_clusters, min(k, len(cat_clusters)), replace=False).tolist())
     held_products = products[products["cluster_id"].isin(held)].reset_index(drop=True)

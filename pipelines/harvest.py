@@ -1,0 +1,384 @@
+"""Engagement-pair harvesting with position-bias correction, and leak-free splits.
+
+Clicks are free labels, but higher results get clicked for being higher. Under the
+position-based click model, P(click | q, d, k) = theta_k * gamma(q, d). We estimate the
+examination propensity theta_k by **result randomisation** ("RandTop-n": Wang, Bendersky,
+Metzler, Najork, *Learning to Rank with Selection Bias in Personal Search*, SIGIR 2016;
+Joachims, Swaminathan, Schnabel, *Unbiased Learning-to-Rank with Biased Feedback*, WSDM 2017):
+a small share of sessions is logged with the top-20 shuffled uniformly, so relevance is
+independent of position there and CTR_k / CTR_1 = theta_k / theta_1. Propensities are only
+identified up to scale, so position 1 is the reference (theta_1 = 1). A decreasing isotonic fit
+(pool-adjacent-violators) removes noise that contradicts "lower is examined less".
+
+Click and save pairs are then weighted by the clipped inverse propensity of the position they
+were clicked at (IPS); the naive variant keeps the same rows with weight 1, so training can
+compare the two on identical data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipelines.storage import atomic_dir
+
+RANDOMISED_POLICY = "shuffle_top20"
+PAIR_COLUMNS = [
+    "query_image_path", "query_x0", "query_y0", "query_x1", "query_y1",
+    "item_id", "positive_image_path", "position", "propensity", "weight", "source", "split",
+]
+SOURCES = ("click", "save", "cosave", "same_product")
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    """Knobs of the harvest stage (params.yaml `harvest:`)."""
+
+    max_position: int = 20
+    weight_clip: float = 10.0  # cap on 1/theta so a few deep clicks cannot dominate
+    save_boost: float = 2.0  # a save is a stronger signal than a click
+    cosave_weight: float = 1.0
+    same_product_weight: float = 1.0
+    max_cosave_pairs_per_board: int = 12
+    val_share: float = 0.1  # share of non-held-out products used for early stopping
+    eval_days: float = 14.0  # sessions in the last N days of logs are evaluation only
+    heldout_shown_share: float = 0.2  # grid share of held-out products that marks a session
+    bootstrap: int = 200
+    seed: int = 0
+
+
+@dataclass
+class PropensityEstimate:
+    position: list[int]
+    theta: list[float]  # the estimate used for weighting (isotonic, theta_1 = 1)
+    theta_raw: list[float]
+    ci_low: list[float]
+    ci_high: list[float]
+    n_sessions: int
+    method: str = "result randomisation (RandTop-20) + decreasing isotonic fit"
+
+    def lookup(self, positions: np.ndarray) -> np.ndarray:
+        return np.asarray(self.theta)[np.asarray(positions) - 1]
+
+
+@dataclass
+class HarvestResult:
+    out_dir: Path
+    propensity: PropensityEstimate
+    counts: dict[str, dict[str, int]]
+    cutoff: str
+    seconds: float
+    config: HarvestConfig = field(default_factory=HarvestConfig)
+
+
+# --------------------------------------------------------------------------- propensity
+def _decreasing_isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted least-squares fit constrained to be non-increasing (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [value, weight, length]
+    for yi, wi in zip(y, w, strict=True):
+        blocks.append([float(yi), float(wi), 1])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            v2, w2, n2 = blocks.pop()
+            v1, w1, n1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return np.concatenate([np.full(int(n), v) for v, _, n in blocks])
+
+
+def _ctr_ratio(clicks: np.ndarray) -> np.ndarray:
+    """clicks: sessions x positions (0/1); returns CTR_k / CTR_1."""
+    ctr = clicks.mean(axis=0)
+    if ctr[0] <= 0:
+        raise ValueError("no clicks at position 1 in randomised sessions: cannot anchor theta")
+    return ctr / ctr[0]
+
+
+def estimate_propensity(impressions: pd.DataFrame, cfg: HarvestConfig) -> PropensityEstimate:
+    """Examination propensity per position from the randomised sessions alone."""
+    rand = impressions[(impressions["logging_policy"] == RANDOMISED_POLICY)
+                       & (impressions["position"] <= cfg.max_position)]
+    if rand.empty:
+        raise ValueError(
+            f"no '{RANDOMISED_POLICY}' sessions in the impressions: the propensity estimate "
+            "needs the randomised share of traffic")
+    grid = rand.pivot_table(index="session_id", columns="position", values="clicked",
+                            aggfunc="max").reindex(columns=range(1, cfg.max_position + 1))
+    grid = grid.dropna()  # sessions with the full grid only
+    clicks = grid.to_numpy(dtype=np.float64)
+    raw = _ctr_ratio(clicks)
+    n_at = np.full(cfg.max_position, clicks.shape[0], dtype=np.float64)
+    theta = np.clip(_decreasing_isotonic(raw, n_at * np.maximum(raw, 1e-3)), 1e-3, 1.0)
+    theta[0] = 1.0
+    rng = np.random.default_rng(cfg.seed)
+    boots = np.stack([
+        _ctr_ratio(clicks[rng.integers(0, len(clicks), len(clicks))])
+        for _ in range(cfg.bootstrap)
+    ])
+    lo, hi = np.nanpercentile(boots, [2.5, 97.5], axis=0)
+    return PropensityEstimate(
+        position=list(range(1, cfg.max_position + 1)),
+        theta=theta.round(6).tolist(), theta_raw=raw.round(6).tolist(),
+        ci_low=lo.round(6).tolist(), ci_high=hi.round(6).tolist(), n_sessions=len(clicks),
+    )
+
+
+# --------------------------------------------------------------------------- splits
+def _stable_unit(keys: pd.Series, seed: int) -> np.ndarray:
+    """Deterministic pseudo-random number in [0, 1) per key (process-independent)."""
+    h = pd.util.hash_pandas_object(keys.astype(str) + f"#{seed}", index=False).to_numpy()
+    return (h % np.uint64(1_000_003)).astype(np.float64) / 1_000_003
+
+
+def assign_product_splits(catalog: pd.DataFrame, judgments: pd.DataFrame,
+                          cfg: HarvestConfig) -> pd.Series:
+    """product_id -> train / val / test. Every product a rater judged similar is test."""
+    products = pd.Series(catalog["product_id"].unique())
+    rated_items = judgments.loc[judgments["grade"] >= 1, "item_id"]
+    rated = set(catalog.loc[catalog["item_id"].isin(rated_items), "product_id"])
+    u = _stable_unit(products, cfg.seed)
+    split = np.where(products.isin(rated), "test", np.where(u < cfg.val_share, "val", "train"))
+    return pd.Series(split, index=products.to_numpy(), name="split")
+
+
+def _session_sides(impressions: pd.DataFrame, item_split: pd.Series, cutoff: pd.Timestamp,
+                   heldout_shown_share: float) -> pd.Series:
+    """Side of each logged session: train, val, eval (after cutoff) or drop.
+
+    A query photo shows some product we cannot see; the results it was shown are our best
+    proxy. A session that engaged a held-out (test) product, or was shown a grid where
+    held-out products make up `heldout_shown_share` or more, never trains: it was most likely
+    looking for one. Otherwise it trains if it engaged any training product (only those pairs
+    are kept), and validates if it engaged validation products only; so every query photo
+    sits on exactly one side.
+    """
+    imp = impressions.assign(item_split=impressions["item_id"].map(item_split))
+    engaged = imp["clicked"] | imp["saved"]
+    per = imp.groupby("session_id").agg(ts=("ts", "first"))
+    is_test = imp["item_split"].eq("test")
+    per["heldout"] = ((is_test.groupby(imp["session_id"]).mean() >= heldout_shown_share)
+                      | (engaged & is_test).groupby(imp["session_id"]).any())
+    per["train"] = (engaged & imp["item_split"].eq("train")).groupby(imp["session_id"]).any()
+    per["val"] = (engaged & imp["item_split"].eq("val")).groupby(imp["session_id"]).any()
+    side = np.select(
+        [per["ts"] > cutoff, per["heldout"], per["train"], per["val"]],
+        ["eval", "drop", "train", "val"], default="drop")
+    return pd.Series(side, index=per.index)
+
+
+# --------------------------------------------------------------------------- pairs
+def _engagement_pairs(impressions: pd.DataFrame, side: pd.Series, item_split: pd.Series,
+                      prop: PropensityEstimate, cfg: HarvestConfig) -> pd.DataFrame:
+    imp = impressions[impressions["clicked"] | impressions["saved"]].copy()
+    imp["split"] = imp["session_id"].map(side)
+    # a training session keeps only its training-product pairs (and likewise for val)
+    imp = imp[imp["split"].isin(["train", "val"]) & imp["item_id"].map(item_split).eq(imp["split"])
+              & (imp["position"] <= cfg.max_position)]
+    imp["propensity"] = prop.lookup(imp["position"].to_numpy())
+    ipw = np.minimum(1.0 / imp["propensity"].to_numpy(), cfg.weight_clip)
+    imp["source"] = np.where(imp["saved"], "save", "click")
+    imp["weight"] = np.minimum(ipw * np.where(imp["saved"], cfg.save_boost, 1.0),
+                               cfg.weight_clip)
+    return imp
+
+
+def _catalog_pairs(catalog: pd.DataFrame, product_split: pd.Series, boards: pd.DataFrame,
+                   cutoff: pd.Timestamp, cfg: HarvestConfig) -> pd.DataFrame:
+    """Co-engagement pairs: the same product from two sellers; two items co-saved on a board."""
+    cat = catalog[["item_id", "product_id", "image_path"]].assign(
+        split=catalog["product_id"].map(product_split))
+    same = cat.merge(cat, on="product_id", suffixes=("_a", "_b"))
+    same = same[same["item_id_a"] < same["item_id_b"]].assign(
+        source="same_product", weight=cfg.same_product_weight)
+    b = boards[boards["saved_at"] <= cutoff].merge(cat, on="item_id")
+    co = b.merge(b, on="board_id", suffixes=("_a", "_b"))
+    co = co[(co["item_id_a"] < co["item_id_b"]) & (co["product_id_a"] != co["product_id_b"])]
+    co = co.drop_duplicates(["item_id_a", "item_id_b"])
+    co = (co.sort_values(["board_id", "item_id_a", "item_id_b"])
+          .groupby("board_id").head(cfg.max_cosave_pairs_per_board)
+          .assign(source="cosave", weight=cfg.cosave_weight))
+    both = pd.concat([same, co], ignore_index=True)
+    both = both[both["split_a"] == both["split_b"]]
+    both = both[both["split_a"].isin(["train", "val"])]
+    return pd.DataFrame({
+        "query_image_path": both["image_path_a"], "query_x0": 0.0, "query_y0": 0.0,
+        "query_x1": 1.0, "query_y1": 1.0, "item_id": both["item_id_b"],
+        "positive_image_path": both["image_path_b"], "position": 0, "propensity": 1.0,
+        "weight": both["weight"].astype(float), "source": both["source"],
+        "split": both["split_a"],
+    })
+
+
+def build_pairs(impressions: pd.DataFrame, catalog: pd.DataFrame, boards: pd.DataFrame,
+                side: pd.Series, product_split: pd.Series, prop: PropensityEstimate,
+                cutoff: pd.Timestamp, cfg: HarvestConfig, naive: bool = False) -> pd.DataFrame:
+    """Deduplicated training pairs; `naive=True` keeps the rows and sets every weight to 1."""
+    item_split = catalog.set_index("item_id")["product_id"].map(product_split)
+    eng = _engagement_pairs(impressions, side, item_split, prop, cfg)
+    eng = eng.merge(catalog[["item_id", "image_path"]], on="item_id").rename(
+        columns={"image_path": "positive_image_path"})
+    pairs = pd.concat([eng[PAIR_COLUMNS],
+                       _catalog_pairs(catalog, product_split, boards, cutoff, cfg)[PAIR_COLUMNS]],
+                      ignore_index=True)
+    # one row per (query photo, positive): keep the strongest evidence
+    pairs = (pairs.sort_values(["query_image_path", "item_id", "weight"],
+                               ascending=[True, True, False], kind="mergesort")
+             .drop_duplicates(["query_image_path", "item_id"]).reset_index(drop=True))
+    if naive:
+        pairs["weight"] = 1.0
+    return pairs
+
+
+def engagement_eval_set(impressions: pd.DataFrame, catalog: pd.DataFrame, side: pd.Series,
+                        product_split: pd.Series) -> pd.DataFrame:
+    """Post-cutoff sessions whose engaged items are all held-out products: queries + items."""
+    imp = impressions[impressions["session_id"].map(side).eq("eval")
+                      & (impressions["clicked"] | impressions["saved"])]
+    imp = imp.merge(catalog[["item_id", "product_id", "category"]], on="item_id")
+    imp = imp[imp["product_id"].map(product_split).eq("test")]
+    grouped = imp.groupby(["query_image_path", "query_x0", "query_y0", "query_x1", "query_y1"],
+                          sort=True).agg(item_ids=("item_id", lambda s: sorted(set(s))),
+                                         category=("category", "first")).reset_index()
+    return grouped
+
+
+# --------------------------------------------------------------------------- stage
+def _validated(world: Path, quarantine_dir: Path | None) -> None:
+    from pipelines.validate import validate_table
+
+    tables = world / "tables"
+    for name in ("catalog", "impressions", "boards", "rater_judgments"):
+        validate_table(name, tables / f"{name}.parquet", quarantine_dir=quarantine_dir,
+                       docs_dir=None if quarantine_dir is None else quarantine_dir / "docs")
+
+
+def harvest(world: Path, out_dir: Path, cfg: HarvestConfig | None = None,
+            quarantine_dir: Path | None = None) -> HarvestResult:
+    """Validate the logs, estimate propensities, write pairs, splits and the eval set.
+
+    Output lands in a temporary sibling and is renamed into place, so a failed run (bad
+    contract, bad input) leaves the previous harvest untouched.
+    """
+    cfg = cfg or HarvestConfig()
+    t0 = time.perf_counter()
+    world, out_dir = Path(world), Path(out_dir)
+    _validated(world, quarantine_dir)
+    tables = world / "tables"
+    impressions = pd.read_parquet(tables / "impressions.parquet")
+    catalog = pd.read_parquet(tables / "catalog.parquet")
+    boards = pd.read_parquet(tables / "boards.parquet")
+    judgments = pd.read_parquet(tables / "rater_judgments.parquet")
+
+    prop = estimate_propensity(impressions, cfg)
+    cutoff = impressions["ts"].max() - pd.Timedelta(days=cfg.eval_days)
+    product_split = assign_product_splits(catalog, judgments, cfg)
+    item_split = catalog.set_index("item_id")["product_id"].map(product_split)
+    side = _session_sides(impressions, item_split, cutoff, cfg.heldout_shown_share)
+
+    debiased = build_pairs(impressions, catalog, boards, side, product_split, prop, cutoff, cfg)
+    naive = debiased.assign(weight=1.0)
+    eval_set = engagement_eval_set(impressions, catalog, side, product_split)
+
+    summary = {
+        "propensity": asdict(prop),
+        "clip": cfg.weight_clip,
+        "cutoff": cutoff.isoformat(),
+        "pairs_by_split_and_source": _counts(debiased),
+        "declared_sources": {"augmentation": "views made at train time (pipelines.train)"},
+        "sessions_by_side": {k: int(v) for k, v in side.value_counts().sort_index().items()},
+        "eval_engagement_queries": len(eval_set),
+        "config": asdict(cfg),
+    }
+    with atomic_dir(out_dir) as tmp:
+        debiased.to_parquet(tmp / "pairs_debiased.parquet", index=False)
+        naive.to_parquet(tmp / "pairs_naive.parquet", index=False)
+        eval_set.to_parquet(tmp / "eval_engagement.parquet", index=False)
+        product_split.rename_axis("product_id").reset_index().to_parquet(
+            tmp / "splits.parquet", index=False)
+        (tmp / "harvest.json").write_text(json.dumps(summary, indent=1))
+    return HarvestResult(out_dir, prop, summary["pairs_by_split_and_source"], cutoff.isoformat(),
+                         round(time.perf_counter() - t0, 2), cfg)
+
+
+def _counts(pairs: pd.DataFrame) -> dict[str, dict[str, int]]:
+    return {split: {src: int(n) for src, n in g["source"].value_counts().sort_index().items()}
+            for split, g in pairs.groupby("split")}
+
+
+# --------------------------------------------------------------------------- report
+def propensity_mae(prop: PropensityEstimate, truth_path: Path) -> float:
+    """Mean absolute error of the estimate against the world's true curve (reports only)."""
+    truth = json.loads(Path(truth_path).read_text())
+    true = np.asarray(truth["examination"], dtype=np.float64)[: len(prop.theta)]
+    return float(np.mean(np.abs(np.asarray(prop.theta) - true)))
+
+
+def plot_propensity(prop: PropensityEstimate, truth_path: Path | None, out_png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.fill_between(prop.position, prop.ci_low, prop.ci_high, alpha=0.2, label="95% bootstrap CI")
+    ax.plot(prop.position, prop.theta_raw, "o", ms=3, label="CTR_k / CTR_1 (randomised)")
+    ax.plot(prop.position, prop.theta, "-", lw=2, label="estimate (isotonic)")
+    if truth_path is not None and Path(truth_path).exists():
+        truth = json.loads(Path(truth_path).read_text())
+        ax.plot(truth["position"], truth["examination"], "k--", lw=1.5, label="truth")
+        ax.set_title(f"Examination propensity (MAE {propensity_mae(prop, truth_path):.3f})")
+    ax.set_xlabel("position")
+    ax.set_ylabel("P(examined)")
+    ax.set_xticks(prop.position)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def write_report(result: HarvestResult, world: Path, reports_dir: Path) -> dict:
+    """reports/harvest.json (DVC metrics) and reports/propensity.png, scored against truth."""
+    truth = Path(world) / "truth" / "propensity.json"
+    pairs_by_source: dict[str, int] = {}
+    for per_source in result.counts.values():
+        for src, n in per_source.items():
+            pairs_by_source[src] = pairs_by_source.get(src, 0) + n
+    metrics = {
+        "propensity_mae": round(propensity_mae(result.propensity, truth), 4),
+        "pairs_by_source": dict(sorted(pairs_by_source.items())),
+        "pairs_by_split": {s: sum(v.values()) for s, v in result.counts.items()},
+        "randomised_sessions": result.propensity.n_sessions,
+        "weight_clip": result.config.weight_clip,
+        "seconds": result.seconds,
+    }
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    (reports_dir / "harvest.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    plot_propensity(result.propensity, truth, reports_dir / "propensity.png")
+    return metrics
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("harvest", help="engagement pairs with position-bias correction + splits")
+    p.add_argument("--world", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--reports", type=Path, default=None, help="write harvest.json + plot here")
+    p.add_argument("--quarantine", type=Path, default=Path("quarantine"))
+    p.add_argument("--params", type=Path, default=None, help="params.yaml with a harvest: block")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    from pipelines.params import load_section
+
+    cfg = HarvestConfig(**load_section(args.params, "harvest"))
+    result = harvest(args.world, args.out, cfg, quarantine_dir=args.quarantine)
+    summary = {"out": str(result.out_dir), "pairs": result.counts, "seconds": result.seconds}
+    if args.reports is not None:
+        summary["report"] = write_report(result, args.world, args.reports)
+    print(json.dumps(summary, indent=1))
+    return 0
