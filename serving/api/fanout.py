@@ -1,0 +1,160 @@
+"""Fan a query vector out to every shard, hedge slow replicas, merge within a deadline.
+
+Tail latency in a sharded search is the slowest shard's. Two standard remedies (Dean & Barroso,
+"The Tail at Scale", CACM 2013): a **hedged request** to a second replica once the first has
+not answered by roughly its own p95, and a **deadline** after which the merge goes ahead with
+what arrived, flagging the response as partial and naming the missing shards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass
+class ShardHit:
+    item_id: str
+    score: float
+    shard_id: int
+
+
+@dataclass
+class ShardAnswer:
+    shard_id: int
+    replica: str
+    hits: list[ShardHit]
+    index_version: str
+    model_version: str
+    latency_ms: float
+    hedged: bool
+
+
+@dataclass
+class FanoutResult:
+    hits: list[ShardHit]
+    answers: list[ShardAnswer]
+    missing_shards: list[int]
+    hedges_fired: int
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.missing_shards)
+
+
+class LatencyTracker:
+    """Rolling per-shard latency window; its p95 decides when to hedge."""
+
+    def __init__(self, window: int = 200, default_ms: float = 20.0, floor_ms: float = 2.0):
+        self._samples: dict[int, deque[float]] = {}
+        self.window, self.default_ms, self.floor_ms = window, default_ms, floor_ms
+
+    def observe(self, shard_id: int, ms: float) -> None:
+        self._samples.setdefault(shard_id, deque(maxlen=self.window)).append(ms)
+
+    def p95(self, shard_id: int) -> float:
+        s = self._samples.get(shard_id)
+        if not s or len(s) < 20:
+            return self.default_ms
+        ordered = sorted(s)
+        return max(self.floor_ms, ordered[int(0.95 * (len(ordered) - 1))])
+
+
+@dataclass
+class ShardTopology:
+    """Replica base URLs per shard id (e.g. {0: ["http://127.0.0.1:9100", ...], ...})."""
+
+    replicas: dict[int, list[str]]
+    _next: dict[int, int] = field(default_factory=dict)
+
+    def order(self, shard_id: int) -> list[str]:
+        """Replicas in round-robin order, so load spreads and the hedge goes elsewhere."""
+        urls = self.replicas[shard_id]
+        start = self._next.get(shard_id, 0)
+        self._next[shard_id] = (start + 1) % len(urls)
+        return urls[start:] + urls[:start]
+
+
+class Fanout:
+    def __init__(self, topology: ShardTopology, client: httpx.AsyncClient,
+                 tracker: LatencyTracker | None = None, hedge: bool = True):
+        self.topology, self.client = topology, client
+        self.tracker = tracker or LatencyTracker()
+        self.hedge = hedge
+
+    async def _ask(self, url: str, shard_id: int, payload: dict, hedged: bool) -> ShardAnswer:
+        t0 = time.perf_counter()
+        r = await self.client.post(f"{url}/search", json=payload)
+        r.raise_for_status()
+        body = r.json()
+        ms = (time.perf_counter() - t0) * 1000
+        return ShardAnswer(
+            shard_id=shard_id, replica=url,
+            hits=[ShardHit(h["item_id"], float(h["score"]), shard_id) for h in body["hits"]],
+            index_version=body["index_version"], model_version=body["model_version"],
+            latency_ms=ms, hedged=hedged)
+
+    async def _one_shard(self, shard_id: int, payload: dict) -> tuple[ShardAnswer, int]:
+        """First good answer from a replica; hedge to the next one after the shard's p95,
+        and fail over at once when a replica errors (e.g. a killed process)."""
+        replicas = self.topology.order(shard_id)
+        pending: set[asyncio.Task] = set()
+        hedges = 0
+        errors: list[BaseException] = []
+        nxt = 0
+
+        def launch(hedged: bool) -> None:
+            nonlocal nxt
+            pending.add(asyncio.create_task(self._ask(replicas[nxt], shard_id, payload, hedged)))
+            nxt += 1
+
+        launch(False)
+        try:
+            while pending:
+                timeout = self.tracker.p95(shard_id) / 1000 if (
+                    self.hedge and nxt < len(replicas)) else None
+                done, pending = await asyncio.wait(pending, timeout=timeout,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                if not done:  # slow: hedge to the next replica, keep the first in flight
+                    hedges += 1
+                    launch(True)
+                    continue
+                for task in done:
+                    if task.exception() is None:
+                        answer = task.result()
+                        self.tracker.observe(shard_id, answer.latency_ms)
+                        return answer, hedges
+                    errors.append(task.exception())
+                if not pending and nxt < len(replicas):
+                    launch(True)
+            raise ConnectionError(f"shard {shard_id}: every replica failed: {errors}")
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def search(self, vector: list[float], k: int, deadline_s: float,
+                     expect_model_version: str | None = None) -> FanoutResult:
+        payload = {"vector": vector, "k": k}
+        shard_ids = sorted(self.topology.replicas)
+        tasks = {asyncio.create_task(self._one_shard(s, payload)): s for s in shard_ids}
+        done, late = await asyncio.wait(tasks, timeout=deadline_s)
+        for task in late:
+            task.cancel()
+        answers, hedges, missing = [], 0, [tasks[t] for t in late]
+        for task in done:
+            if task.exception() is not None:
+                missing.append(tasks[task])
+                continue
+            answer, h = task.result()
+            hedges += h
+            if expect_model_version and answer.model_version != expect_model_version:
+                missing.append(answer.shard_id)  # never merge vectors of another model
+                continue
+            answers.append(answer)
+        hits = sorted((h for a in answers for h in a.hits), key=lambda h: -h.score)
+        return FanoutResult(hits=hits, answers=answers, missing_shards=sorted(missing),
+                            hedges_fired=hedges)
