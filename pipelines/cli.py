@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-STAGES = ("world",)
+STAGES = ("world", "validate")
 
 
 def build_parser() -> argparse.ArgumentParser:
