@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-STAGES = ("world", "validate")
+STAGES = ("world", "validate", "harvest", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
