@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from pipelines.features import build_item_features
-from serving.api.rerank import Reranker, RerankConfig
+from serving.api.rerank import RerankConfig, Reranker
 
 
 def _catalog():
