@@ -1,0 +1,262 @@
+"""Evaluation: recall@K definition, exact retrieval, and the report, on world-truth embedders.
+
+The embed_fns here are built from the tiny world's ground truth (one-hot product / style
+cluster directions), so every expected number follows from the truth tables.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines import evaluate as ev
+
+
+# --------------------------------------------------------------------------- world truth
+class Truth:
+    """Path -> product / cluster for catalog photos, rater queries and logged queries."""
+
+    def __init__(self, world: Path):
+        products = pd.read_parquet(world / "truth/products.parquet")
+        catalog = pd.read_parquet(world / "tables/catalog.parquet")
+        rater = pd.read_parquet(world / "tables/rater_queries.parquet").merge(
+            pd.read_parquet(world / "truth/rater_queries.parquet"), on="rater_query_id")
+        logged = pd.read_parquet(world / "truth/queries.parquet")
+        self.catalog = catalog.merge(products[["product_id", "cluster_id"]], on="product_id")
+        self.cluster_of = products.set_index("product_id")["cluster_id"]
+        self.category_of = products.set_index("product_id")["category"]
+        self.product_of = {
+            **dict(zip(catalog["image_path"], catalog["product_id"], strict=True)),
+            **dict(zip(rater["image_path"], rater["target_product_id"], strict=True)),
+            **{f"images/queries/{q}.jpg": p for q, p in
+               zip(logged["query_id"], logged["target_product_id"], strict=True)},
+        }
+        self.rater = rater
+        self.held_clusters = set(rater["cluster_id"])
+        self.p_index = {p: i for i, p in enumerate(sorted(products["product_id"]))}
+        clusters = sorted(products["cluster_id"].unique())
+        self.c_index = {c: len(self.p_index) + i for i, c in enumerate(clusters)}
+        self.junk = len(self.p_index) + len(clusters)
+        assert self.junk < 256
+
+    def embed_fn(self, vector_of) -> ev.EmbedFn:
+        """embed_fn from `vector_of(product_id, is_query) -> raw vector`, L2-normalised."""
+        def embed(paths, boxes):
+            is_query = boxes is not None
+            out = np.stack([vector_of(self.product_of[p], is_query) for p in paths])
+            return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+        return embed
+
+    def onehot(self, *weighted: tuple[int, float]) -> np.ndarray:
+        v = np.zeros(256)
+        for i, w in weighted:
+            v[i] += w
+        return v
+
+
+@pytest.fixture(scope="module")
+def truth(tiny_world) -> Truth:
+    return Truth(tiny_world)
+
+
+def graded_oracle(t: Truth, noise: float = 0.0, seed: int = 0) -> ev.EmbedFn:
+    """Same product closest, then same style cluster, then everything else (+ noise)."""
+    rng = np.random.default_rng(seed)
+
+    def vec(p, is_query):
+        v = t.onehot((t.p_index[p], 2.0), (t.c_index[t.cluster_of[p]], 1.0))
+        return v + rng.normal(0, noise, 256)
+    return t.embed_fn(vec)
+
+
+def product_then_junk(t: Truth) -> ev.EmbedFn:
+    """Ranks the query's own product first, then items of clusters outside the rater set, and
+    the same-style siblings last: recall@K(q) = min(n_product, K) / min(K, n_cluster)."""
+    def vec(p, is_query):
+        if is_query:
+            return t.onehot((t.p_index[p], 1.0), (t.junk, 0.1))
+        junk = 0.0 if t.cluster_of[p] in t.held_clusters else 1.0
+        return t.onehot((t.p_index[p], 1.0), (t.junk, junk))
+    return t.embed_fn(vec)
+
+
+# --------------------------------------------------------------------------- metric
+def test_recall_at_k_hand_computed_with_min_k_normalisation():
+    ranked = [["a", "x", "b", "y", "c"], ["x", "y", "z", "e", "w"]]
+    relevant = [{"a", "b", "c", "d"}, {"e"}]
+    recall = ev.recall_at_k(ranked, relevant, ks=(1, 3, 5))
+    # q1: top1 {a} -> 1/min(1,4); top3 {a,b} -> 2/3; top5 {a,b,c} -> 3/min(5,4) = 3/4
+    # q2: relevant e at rank 4 -> 0, 0, 1/min(5,1) = 1
+    np.testing.assert_allclose(recall[1], [1.0, 0.0])
+    np.testing.assert_allclose(recall[3], [2 / 3, 0.0])
+    np.testing.assert_allclose(recall[5], [0.75, 1.0])
+    hit = ev.hit_at_k(ranked, relevant, ks=(1, 3, 5))
+    np.testing.assert_allclose([hit[1].mean(), hit[3].mean(), hit[5].mean()], [0.5, 0.5, 1.0])
+    per_cat = ev.per_category_mean(recall, ["lamp", "mug"])
+    assert per_cat == {"lamp": {1: 1.0, 3: pytest.approx(2 / 3), 5: 0.75},
+                       "mug": {1: 0.0, 3: 0.0, 5: 1.0}}
+    # a list shorter than K is its whole top-K
+    assert ev.recall_at_k([["a"]], [{"a", "b"}], ks=(10,))[10][0] == 0.5
+
+
+def test_recall_rejects_queries_without_relevant_items():
+    with pytest.raises(ValueError, match="no relevant items"):
+        ev.recall_at_k([["a"]], [set()], ks=(1,))
+    with pytest.raises(ValueError, match="2 ranked lists but 1"):
+        ev.recall_at_k([["a"], ["b"]], [{"a"}], ks=(1,))
+
+
+# --------------------------------------------------------------------------- retrieval
+def test_exact_search_returns_true_nearest_neighbours():
+    rng = np.random.default_rng(3)
+    cat = rng.normal(size=(700, 32))
+    cat /= np.linalg.norm(cat, axis=1, keepdims=True)
+    q = rng.normal(size=(25, 32))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    scores, rows = ev.exact_search(cat, q, 10)
+    sims = q @ cat.T
+    np.testing.assert_array_equal(rows, np.argsort(-sims, axis=1)[:, :10])
+    np.testing.assert_allclose(scores, np.take_along_axis(sims, rows, 1), atol=1e-5)
+    assert ev.exact_search(cat[:4], q, 10)[1].shape == (25, 4)  # k capped at catalog size
+
+
+def test_exact_search_rejects_non_unit_and_mismatched_vectors():
+    cat = np.eye(4, dtype=np.float32)
+    with pytest.raises(ValueError, match="not unit length"):
+        ev.exact_search(cat * 2, cat, 1)
+    with pytest.raises(ValueError, match="4-d but queries 3-d"):
+        ev.exact_search(cat, np.eye(3, dtype=np.float32), 1)
+    with pytest.raises(ValueError, match="NaN"):
+        ev.exact_search(cat, np.full((1, 4), np.nan, np.float32), 1)
+
+
+# --------------------------------------------------------------------------- eval sets
+def test_rater_set_matches_world_judgments(tiny_world, truth):
+    rater = ev.load_rater_set(tiny_world)
+    assert len(rater.query_ids) == len(truth.rater)
+    row = truth.rater.set_index("rater_query_id").loc[rater.query_ids[0]]
+    same_cluster = truth.catalog[truth.catalog["cluster_id"] == row["cluster_id"]]
+    assert set(rater.relevant[0]) == set(same_cluster["item_id"])
+    same_product = same_cluster[same_cluster["product_id"] == row["target_product_id"]]
+    assert {i for i, g in rater.relevant[0].items() if g == 2} == set(same_product["item_id"])
+
+
+def test_engagement_set_file_is_validated(tmp_path):
+    bad = tmp_path / "eval_engagement.parquet"
+    pd.DataFrame({"query_image_path": ["images/queries/q0.jpg"], "item_ids": [["it1"]]}
+                 ).to_parquet(bad)
+    with pytest.raises(ValueError, match="missing columns"):
+        ev.load_engagement_set(bad)
+    with pytest.raises(FileNotFoundError, match="table not found"):
+        ev.load_engagement_set(tmp_path / "absent.parquet")
+
+
+def _engagement_file(world: Path, truth: Truth, path: Path, n: int = 30) -> Path:
+    """Logged queries with their target product's listings as the engaged items."""
+    logged = pd.read_parquet(world / "truth/queries.parquet").sort_values("query_id").head(n)
+    items = truth.catalog.groupby("product_id")["item_id"].apply(sorted)
+    pd.DataFrame({
+        "query_image_path": [f"images/queries/{q}.jpg" for q in logged["query_id"]],
+        "query_x0": 0.0, "query_y0": 0.0, "query_x1": 1.0, "query_y1": 1.0,
+        "item_ids": [items[p] for p in logged["target_product_id"]],
+        "category": [truth.category_of[p] for p in logged["target_product_id"]],
+    }).to_parquet(path, index=False)
+    return path
+
+
+# --------------------------------------------------------------------------- evaluation
+def test_evaluate_models_numbers_follow_from_truth(tiny_world, truth, tmp_path):
+    sets = [ev.load_rater_set(tiny_world),
+            ev.load_engagement_set(_engagement_file(tiny_world, truth, tmp_path / "e.parquet"))]
+    wrong = {"lamp", "mug"}
+
+    def wrong_style(p, is_query):
+        """Right for most categories; lamp and mug queries land on another cluster, then on
+        out-of-set clusters (junk), so their own cluster is outside even the top 50."""
+        if is_query and truth.category_of[p] in wrong:
+            others = truth.cluster_of[(truth.category_of == truth.category_of[p])
+                                      & (truth.cluster_of != truth.cluster_of[p])]
+            return truth.onehot((truth.c_index[others.iloc[0]], 1.0), (truth.junk, 0.1))
+        junk = 0.0 if is_query or truth.cluster_of[p] in truth.held_clusters else 1.0
+        return truth.onehot((truth.c_index[truth.cluster_of[p]], 1.0), (truth.junk, junk))
+
+    report = ev.evaluate_models(
+        {"model": graded_oracle(truth, noise=0.02), "junk": product_then_junk(truth),
+         "wrong": truth.embed_fn(wrong_style)}, tiny_world, sets)
+
+    oracle = report.models["model"].sets
+    for name in ("rater", "engagement"):
+        assert oracle[name].recall == {k: 1.0 for k in ev.KS}
+    assert report.headline == 1.0
+
+    # product first, then out-of-set clusters: min(n_product, K) / min(K, n_cluster)
+    n_prod = truth.catalog["product_id"].value_counts()
+    n_clus = truth.catalog["cluster_id"].value_counts()
+    r = truth.rater.set_index("rater_query_id").loc[sets[0].query_ids]
+    junk = report.models["junk"].sets["rater"]
+    for k in ev.KS:
+        expected = (np.minimum(n_prod[r["target_product_id"]].to_numpy(), k)
+                    / np.minimum(k, n_clus[r["cluster_id"]].to_numpy()))
+        np.testing.assert_allclose(junk.query_recall[k], expected)
+        assert junk.recall[k] == pytest.approx(expected.mean())
+        assert junk.hit[k] == 1.0
+    assert 0 < junk.recall[50] < junk.recall[1] == 1.0
+
+    # per category: the two broken categories score 0, the rest 1
+    w = report.models["wrong"].sets["rater"]
+    cats = np.array(sets[0].categories)
+    assert w.per_category == {c: {k: 0.0 if c in wrong else 1.0 for k in ev.KS}
+                              for c in sorted(set(cats))}
+    assert w.recall[10] == pytest.approx(np.mean(~np.isin(cats, list(wrong))))
+
+    flat = report.flat_metrics()
+    assert flat["rater_recall_at_10"] == 1.0
+    assert flat["junk/rater/recall_at_50"] == pytest.approx(junk.recall[50])
+    assert flat["wrong/rater/lamp/recall_at_10"] == 0.0
+    assert flat["wrong/engagement/hit_at_1"] == report.models["wrong"].sets["engagement"].hit[1]
+
+
+def test_evaluate_rejects_bad_embedders_and_sets(tiny_world, truth):
+    rater = ev.load_rater_set(tiny_world)
+    with pytest.raises(ValueError, match="not unit length"):
+        ev.evaluate_models({"model": lambda p, b: np.ones((len(p), 8), np.float32)},
+                           tiny_world, [rater])
+    with pytest.raises(ValueError, match=r"expected \(\d+, d\) embeddings"):
+        ev.evaluate_models({"model": lambda p, b: np.eye(8, dtype=np.float32)[:1]},
+                           tiny_world, [rater])
+    with pytest.raises(ValueError, match="candidate 'model' is not among"):
+        ev.evaluate_models({"other": graded_oracle(truth)}, tiny_world, [rater])
+    ghost = ev.EvalSet("rater", ["q"], [rater.query_paths[0]], np.array([[0, 0, 1, 1.0]]),
+                       ["lamp"], [{"it9999999": 1}])
+    with pytest.raises(ValueError, match="missing from the catalog"):
+        ev.evaluate_models({"model": graded_oracle(truth)}, tiny_world, [ghost])
+    with pytest.raises(ValueError, match="no relevant items"):
+        ev.EvalSet("rater", ["q"], ["x.jpg"], np.zeros((1, 4)), ["lamp"], [{}])
+
+
+def test_html_report_has_one_grid_per_query_and_marks_hits(tiny_world, truth, tmp_path):
+    rater = ev.load_rater_set(tiny_world)
+    report = ev.evaluate_models({"model": product_then_junk(truth),
+                                 "frozen_pretrained": graded_oracle(truth, noise=0.5)},
+                                tiny_world, [rater])
+    paths = ev.write_reports(report, [rater], tiny_world, tmp_path / "reports",
+                             n_report_queries=20)
+    page = paths["html"].read_text()
+    picked = ev.pick_report_queries(rater, 20)
+    assert len(picked) == 20 and len(set(picked)) == 20
+    assert {rater.categories[i] for i in picked} == set(rater.categories)
+    top = report.models["model"].sets["rater"].top_items
+    hits = sum(sum(item in rater.relevant[i] for item in top[i]) for i in picked)
+    assert page.count("class='grid'") == 20
+    assert page.count("class='hit'") == hits
+    assert page.count("class='miss'") == 20 * ev.REPORT_TOP - hits
+    assert 0 < hits < 20 * ev.REPORT_TOP
+    assert page.count("src='data:image/jpeg;base64,") == 20 * (1 + ev.REPORT_TOP)
+    assert not re.search(r"src='(?!data:)", page)  # self-contained
+    assert "frozen_pretrained" in page and paths["plot"].stat().st_size > 5000
+    summary = paths["summary"].read_text()
+    assert '"fingerprint": "' + report.fingerprint in summary
