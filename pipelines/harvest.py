@@ -246,17 +246,17 @@ def engagement_eval_set(impressions: pd.DataFrame, catalog: pd.DataFrame, side: 
 
 
 # --------------------------------------------------------------------------- stage
-def _validated(world: Path, quarantine_dir: Path | None) -> None:
+def _validated(world: Path, quarantine_dir: Path | None, docs_dir: Path | None) -> None:
     from pipelines.validate import validate_table
 
     tables = world / "tables"
     for name in ("catalog", "impressions", "boards", "rater_judgments"):
         validate_table(name, tables / f"{name}.parquet", quarantine_dir=quarantine_dir,
-                       docs_dir=None if quarantine_dir is None else quarantine_dir / "docs")
+                       docs_dir=docs_dir)
 
 
 def harvest(world: Path, out_dir: Path, cfg: HarvestConfig | None = None,
-            quarantine_dir: Path | None = None) -> HarvestResult:
+            quarantine_dir: Path | None = None, docs_dir: Path | None = None) -> HarvestResult:
     """Validate the logs, estimate propensities, write pairs, splits and the eval set.
 
     Output lands in a temporary sibling and is renamed into place, so a failed run (bad
@@ -265,7 +265,7 @@ def harvest(world: Path, out_dir: Path, cfg: HarvestConfig | None = None,
     cfg = cfg or HarvestConfig()
     t0 = time.perf_counter()
     world, out_dir = Path(world), Path(out_dir)
-    _validated(world, quarantine_dir)
+    _validated(world, quarantine_dir, docs_dir)
     tables = world / "tables"
     impressions = pd.read_parquet(tables / "impressions.parquet")
     catalog = pd.read_parquet(tables / "catalog.parquet")
@@ -368,6 +368,7 @@ def add_cli(sub) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--reports", type=Path, default=None, help="write harvest.json + plot here")
     p.add_argument("--quarantine", type=Path, default=Path("quarantine"))
+    p.add_argument("--docs", type=Path, default=None, help="GE Data Docs site for the checks")
     p.add_argument("--params", type=Path, default=None, help="params.yaml with a harvest: block")
     p.set_defaults(func=_cli)
 
@@ -376,7 +377,8 @@ def _cli(args) -> int:
     from pipelines.params import load_section
 
     cfg = HarvestConfig(**load_section(args.params, "harvest"))
-    result = harvest(args.world, args.out, cfg, quarantine_dir=args.quarantine)
+    result = harvest(args.world, args.out, cfg, quarantine_dir=args.quarantine,
+                     docs_dir=args.docs)
     summary = {"out": str(result.out_dir), "pairs": result.counts, "seconds": result.seconds}
     if args.reports is not None:
         summary["report"] = write_report(result, args.world, args.reports)
