@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-STAGES = ("world", "validate", "harvest", "demo")
+STAGES = ("world", "validate", "harvest", "demo", "registry")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,342 @@
+"""Registry stage: MLflow runs, registered model versions, aliases and the promotion gate.
+
+Every evaluated model becomes a run (params, metrics, plots, HTML report, the exported
+TorchScript/ONNX files under `model/`) and a version of the registered model
+`loupe-embedder`. Its `model_version` string (`loupe-embedder/3`) is what re-embedding,
+shards and serving carry, so vectors of two models can never mix silently.
+
+Aliases: `challenger` moves to every new version; `champion` moves only through the
+promotion gate, when the challenger's rater recall@10 beats the champion's by at least a
+configured margin, on the same catalog and rater judgments (same eval fingerprint). The
+decision and its reason land on the challenger's run (tags + `promotion/decision.json`) and
+on the model version (tags).
+
+Tracking URI: explicit argument, else $MLFLOW_TRACKING_URI, else `sqlite:///<repo>/mlflow.db`
+with artifacts under `<repo>/mlruns/` (next to any sqlite file, artifacts go to `mlruns/`
+beside it). The registry needs a database-backed store. Browse it with `loupe mlflow-ui`,
+i.e. `mlflow ui --backend-store-uri sqlite:///<repo>/mlflow.db --default-artifact-root
+file://<repo>/mlruns --host 127.0.0.1 --port 5000`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TRACKING_URI = f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+EXPERIMENT = "loupe-embedder"
+MODEL_NAME = "loupe-embedder"
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+HEADLINE = "rater_recall_at_10"
+FINGERPRINT = "eval_fingerprint"
+MODEL_ARTIFACT_DIR = "model"
+_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """Where runs and versions go, and how much better a challenger must be."""
+
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else the repo sqlite db
+    experiment: str = EXPERIMENT
+    model_name: str = MODEL_NAME
+    promotion_margin: float = 0.01  # absolute rater recall@10 gain needed to take champion
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.promotion_margin < 1.0:
+            raise ValueError(f"promotion_margin must be in [0, 1), got {self.promotion_margin}")
+
+    @property
+    def uri(self) -> str:
+        return resolve_tracking_uri(self.tracking_uri)
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """Explicit URI, else $MLFLOW_TRACKING_URI, else the repo's sqlite db; must be a DB."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme not in _DB_SCHEMES:
+        raise ValueError(f"tracking URI {uri!r} is not database-backed; the model registry "
+                         "needs one, e.g. sqlite:///mlflow.db")
+    return uri
+
+
+def artifact_root(uri: str) -> str | None:
+    """`file://.../mlruns` beside a sqlite db file; None when a server decides."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///"))
+    if str(db) in ("", ":memory:"):
+        raise ValueError(f"{uri!r}: an in-memory sqlite store cannot keep a registry")
+    return (db.resolve().parent / "mlruns").as_uri()
+
+
+def _client(cfg: RegistryConfig):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=cfg.uri, registry_uri=cfg.uri)
+
+
+def _experiment_id(client, cfg: RegistryConfig) -> str:
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(cfg.experiment, artifact_location=artifact_root(cfg.uri))
+
+
+# --------------------------------------------------------------------------- runs
+@dataclass(frozen=True)
+class LoggedRun:
+    run_id: str
+    experiment_id: str
+    artifact_uri: str
+
+
+def log_run(cfg: RegistryConfig, *, run_name: str, params: Mapping[str, Any],
+            metrics: Mapping[str, float], artifacts: Mapping[str, Sequence[Path]],
+            model_files: Sequence[Path] = (), tags: Mapping[str, str] | None = None
+            ) -> LoggedRun:
+    """One finished run: params, metrics, `artifacts` ({artifact dir: files}), and the
+    exported model files under `model/`. A failure mid-way marks the run FAILED."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    files = [Path(p) for group in artifacts.values() for p in group] + list(map(Path,
+                                                                              model_files))
+    missing = [str(p) for p in files if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"cannot log missing files: {missing}")
+    client = _client(cfg)
+    run = client.create_run(_experiment_id(client, cfg), run_name=run_name,
+                            tags={k: str(v) for k, v in (tags or {}).items()})
+    run_id = run.info.run_id
+    try:
+        now = int(datetime.now(UTC).timestamp() * 1000)
+        items = list(metrics.items())
+        for i in range(0, len(items), 900):  # MLflow takes at most 1000 entries per batch
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0)
+                                              for k, v in items[i:i + 900]])
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                         tags=[RunTag("model_files", ",".join(p.name for p in
+                                                              map(Path, model_files)))])
+        for dest, group in artifacts.items():
+            for p in group:
+                client.log_artifact(run_id, str(p), artifact_path=dest or None)
+        for p in map(Path, model_files):
+            if p.is_dir():
+                client.log_artifacts(run_id, str(p), artifact_path=f"{MODEL_ARTIFACT_DIR}/"
+                                                                   f"{p.name}")
+            else:
+                client.log_artifact(run_id, str(p), artifact_path=MODEL_ARTIFACT_DIR)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    return LoggedRun(run_id, run.info.experiment_id, run.info.artifact_uri)
+
+
+# --------------------------------------------------------------------------- versions
+@dataclass(frozen=True)
+class ModelVersionRef:
+    name: str
+    version: str
+
+    @property
+    def model_version(self) -> str:
+        """The string vectors, shards and the serving embedder carry: `loupe-embedder/3`."""
+        return f"{self.name}/{self.version}"
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def register_model_version(cfg: RegistryConfig, run: LoggedRun, recall_at_10: float,
+                           fingerprint: str) -> ModelVersionRef:
+    """Register the run's `model/` files as a new version and point `challenger` at it."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(cfg)
+    names = {a.path for a in client.list_artifacts(run.run_id, MODEL_ARTIFACT_DIR)}
+    if not names:
+        raise ValueError(f"run {run.run_id} has no exported model files under "
+                         f"'{MODEL_ARTIFACT_DIR}/'; nothing to register")
+    try:
+        client.create_registered_model(cfg.model_name, description=(
+            "Loupe image embedder (256-d, L2-normalised); aliases: challenger = newest, "
+            "champion = serving"))
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    mv = client.create_model_version(
+        cfg.model_name, source=f"{run.artifact_uri}/{MODEL_ARTIFACT_DIR}", run_id=run.run_id,
+        tags={HEADLINE: repr(float(recall_at_10)), FINGERPRINT: fingerprint})
+    ref = ModelVersionRef(cfg.model_name, str(mv.version))
+    client.set_model_version_tag(ref.name, ref.version, "model_version", ref.model_version)
+    client.set_tag(run.run_id, "model_version", ref.model_version)
+    client.set_registered_model_alias(ref.name, CHALLENGER, ref.version)
+    return ref
+
+
+def version_for_alias(cfg: RegistryConfig, alias: str) -> ModelVersionRef | None:
+    """The version an alias points at, or None if the alias (or the model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        aliases = _client(cfg).get_registered_model(cfg.model_name).aliases
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return ModelVersionRef(cfg.model_name, str(aliases[alias])) if alias in aliases else None
+
+
+# --------------------------------------------------------------------------- promotion
+@dataclass(frozen=True)
+class PromotionDecision:
+    promoted: bool
+    reason: str
+    challenger: str  # model_version string
+    challenger_recall: float
+    champion: str | None  # champion before the decision
+    champion_recall: float | None
+    margin: float
+    decided_at: str
+
+
+def _recorded(mv, key: str) -> str:
+    if key not in mv.tags:
+        raise ValueError(f"{mv.name}/{mv.version} has no '{key}' tag: it was not registered by "
+                         "`loupe evaluate`, so it has no comparable rater recall@10")
+    return mv.tags[key]
+
+
+def decide_promotion(challenger_recall: float, champion_recall: float | None, margin: float
+                     ) -> tuple[bool, str]:
+    """The gate's rule: promote with no champion, or on a gain > 0 and >= margin."""
+    if champion_recall is None:
+        return True, f"no champion yet; challenger rater recall@10 {challenger_recall:.4f}"
+    gain = round(challenger_recall - champion_recall, 9)
+    verdict = "beats" if gain > 0 and gain >= margin else "does not beat"
+    return verdict == "beats", (
+        f"challenger rater recall@10 {challenger_recall:.4f} vs champion "
+        f"{champion_recall:.4f}: gain {gain:+.4f} {verdict} the margin {margin:.4f}")
+
+
+def promotion_gate(cfg: RegistryConfig, version: str | ModelVersionRef,
+                   champion_recall: float | None = None) -> PromotionDecision:
+    """Move `champion` to `version` if its rater recall@10 beats the champion's by the margin.
+
+    Recall figures come from the versions' tags. Different eval fingerprints mean the two
+    numbers were measured on different catalogs or judgments, so the gate refuses unless the
+    caller passes `champion_recall` re-measured on the challenger's set.
+    """
+    ref = version if isinstance(version, ModelVersionRef) else ModelVersionRef(
+        cfg.model_name, str(version))
+    client = _client(cfg)
+    mv = client.get_model_version(ref.name, ref.version)
+    challenger_recall = float(_recorded(mv, HEADLINE))
+    champ = version_for_alias(cfg, CHAMPION)
+    if champ is not None and champ.version == ref.version:
+        promoted, reason, champ_recall = False, f"{ref.model_version} is already champion", None
+    elif champ is None:
+        champ_recall = None
+        promoted, reason = decide_promotion(challenger_recall, None, cfg.promotion_margin)
+    else:
+        champ_mv = client.get_model_version(champ.name, champ.version)
+        same_set = _recorded(champ_mv, FINGERPRINT) == _recorded(mv, FINGERPRINT)
+        if champion_recall is None and not same_set:
+            promoted, champ_recall = False, None
+            reason = (f"champion {champ.model_version} was scored on a different catalog or "
+                      f"rater set (fingerprint {champ_mv.tags[FINGERPRINT]} vs "
+                      f"{mv.tags[FINGERPRINT]}); re-evaluate it on this set before comparing")
+        else:
+            champ_recall = (float(champion_recall) if champion_recall is not None
+                            else float(champ_mv.tags[HEADLINE]))
+            promoted, reason = decide_promotion(challenger_recall, champ_recall,
+                                                cfg.promotion_margin)
+    decision = PromotionDecision(
+        promoted, reason, ref.model_version, challenger_recall,
+        None if champ is None else champ.model_version, champ_recall, cfg.promotion_margin,
+        datetime.now(UTC).isoformat(timespec="seconds"))
+    if promoted:
+        client.set_registered_model_alias(ref.name, CHAMPION, ref.version)
+    _record_decision(client, mv, decision)
+    return decision
+
+
+def _record_decision(client, mv, decision: PromotionDecision) -> None:
+    outcome = "promoted" if decision.promoted else "rejected"
+    client.set_model_version_tag(mv.name, mv.version, "promotion_decision", outcome)
+    client.set_model_version_tag(mv.name, mv.version, "promotion_reason", decision.reason)
+    if not mv.run_id:
+        return
+    client.set_tag(mv.run_id, "promotion.decision", outcome)
+    client.set_tag(mv.run_id, "promotion.reason", decision.reason)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "decision.json"
+        path.write_text(json.dumps(asdict(decision), indent=1))
+        client.log_artifact(mv.run_id, str(path), artifact_path="promotion")
+
+
+# --------------------------------------------------------------------------- UI + CLI
+def mlflow_ui_command(uri: str, port: int = 5000) -> list[str]:
+    """`mlflow ui` on 127.0.0.1 over the same backend store (and artifact root) we log to."""
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", "127.0.0.1", "--port", str(int(port)), "--workers", "1"]
+    root = artifact_root(uri)
+    if root is not None:
+        cmd += ["--default-artifact-root", root]
+    return cmd
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("promote", help="promotion gate: move alias champion if the challenger "
+                                       "beats it on rater recall@10")
+    p.add_argument("--version", default=None, help="model version number (default: challenger)")
+    p.add_argument("--margin", type=float, default=RegistryConfig.promotion_margin)
+    p.add_argument("--champion-recall", type=float, default=None,
+                   help="champion's rater recall@10 re-measured on the challenger's eval set")
+    _common(p)
+    p.set_defaults(func=_promote_cli)
+    u = sub.add_parser("mlflow-ui", help="open the MLflow UI on 127.0.0.1 (same store)")
+    u.add_argument("--port", type=int, default=5000)
+    _common(u)
+    u.set_defaults(func=_ui_cli)
+
+
+def _common(p) -> None:
+    p.add_argument("--tracking-uri", default=None,
+                   help=f"default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI}")
+    p.add_argument("--model-name", default=MODEL_NAME)
+
+
+def _promote_cli(args) -> int:
+    cfg = RegistryConfig(args.tracking_uri, model_name=args.model_name,
+                         promotion_margin=args.margin)
+    version = args.version
+    if version is None:
+        ref = version_for_alias(cfg, CHALLENGER)
+        if ref is None:
+            raise ValueError(f"model {cfg.model_name!r} has no '{CHALLENGER}' version; "
+                             "run `loupe evaluate` first")
+        version = ref.version
+    decision = promotion_gate(cfg, version, args.champion_recall)
+    print(json.dumps(asdict(decision), indent=1))
+    return 0
+
+
+def _ui_cli(args) -> int:
+    cmd = mlflow_ui_command(resolve_tracking_uri(args.tracking_uri), args.port)
+    print(f"MLflow UI on http://127.0.0.1:{args.port}  ({' '.join(cmd[1:])})", flush=True)
+    return subprocess.call(cmd)
