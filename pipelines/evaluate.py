@@ -25,7 +25,7 @@ import io
 import json
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -477,3 +477,42 @@ def eval_metrics_file(report: EvalReport, train_seconds: float | None) -> dict:
            "n_catalog": report.n_catalog, "fingerprint": report.fingerprint}
     return {k: v for k, v in out.items() if v is not None}
 
+
+
+# --------------------------------------------------------------------------- MLflow
+@dataclass(frozen=True)
+class Published:
+    """What `publish` left behind: local reports, the MLflow run, the registered version."""
+
+    paths: dict[str, Path]
+    run_id: str
+    model_version: str  # "loupe-embedder/3": carried by re-embedding, shards and serving
+    decision: dict | None  # promotion gate outcome when asked to promote
+
+
+def publish(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: Path,
+            registry_cfg, model_files: Sequence[Path], params: Mapping[str, object] | None = None,
+            propensity_png: Path | None = None, promote: bool = False,
+            n_report_queries: int = 20, run_name: str | None = None) -> Published:
+    """Write the reports, log one MLflow run (params, every metric, plots, HTML report,
+    exported model files), register it as a new `challenger` version and, if asked, run the
+    promotion gate."""
+    from pipelines import registry
+
+    if propensity_png is not None and not Path(propensity_png).exists():
+        raise FileNotFoundError(f"propensity plot not found: {propensity_png}")
+    paths = write_reports(report, sets, world, out_dir, n_report_queries)
+    plots = [paths["plot"]] + ([Path(propensity_png)] if propensity_png is not None else [])
+    run_params = {"candidate": report.candidate, "models": ",".join(report.models),
+                  "ks": ",".join(map(str, report.ks)), "n_catalog": report.n_catalog,
+                  "retrieval": "exact (faiss IndexFlatIP)", "world": str(world),
+                  **{f"n_queries_{s.name}": len(s.query_ids) for s in sets}, **(params or {})}
+    run = registry.log_run(
+        registry_cfg, run_name=run_name or f"evaluate-{report.candidate}", params=run_params,
+        metrics=report.flat_metrics(),
+        artifacts={"plots": plots, "report": [paths["html"], paths["summary"]]},
+        model_files=model_files, tags={registry.FINGERPRINT: report.fingerprint})
+    ref = registry.register_model_version(registry_cfg, run, report.headline, report.fingerprint)
+    decision = registry.promotion_gate(registry_cfg, ref) if promote else None
+    return Published(paths, run.run_id, ref.model_version,
+                     None if decision is None else asdict(decision))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from pipelines import evaluate as ev
 
@@ -260,3 +261,40 @@ def test_html_report_has_one_grid_per_query_and_marks_hits(tiny_world, truth, tm
     assert "frozen_pretrained" in page and paths["plot"].stat().st_size > 5000
     summary = paths["summary"].read_text()
     assert '"fingerprint": "' + report.fingerprint in summary
+
+
+def test_publish_logs_metrics_artifacts_and_registers_the_model(tiny_world, truth, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipelines.registry import RegistryConfig
+
+    sets = [ev.load_rater_set(tiny_world),
+            ev.load_engagement_set(_engagement_file(tiny_world, truth, tmp_path / "e.parquet"))]
+    report = ev.evaluate_models({ev.CANDIDATE: graded_oracle(truth, noise=0.02),
+                                 ev.FROZEN_BASELINE: graded_oracle(truth, noise=0.6),
+                                 ev.NAIVE: product_then_junk(truth)}, tiny_world, sets)
+    propensity = tmp_path / "propensity.png"
+    Image.new("RGB", (60, 40), "white").save(propensity)
+    exported = tmp_path / "embedder.onnx"
+    exported.write_bytes(b"onnx graph bytes")
+    cfg = RegistryConfig(f"sqlite:///{tmp_path}/mlflow.db")
+    out = ev.publish(report, sets, tiny_world, tmp_path / "reports", cfg, [exported],
+                     params={"backbone": "oracle"}, propensity_png=propensity, promote=True)
+
+    client = MlflowClient(cfg.uri, cfg.uri)
+    run = client.get_run(out.run_id)
+    assert run.data.metrics == pytest.approx(report.flat_metrics())
+    assert run.data.metrics["frozen_pretrained/rater/recall_at_10"] < 1.0
+    assert run.data.metrics["naive_click/rater/recall_at_50"] == pytest.approx(
+        report.models[ev.NAIVE].sets["rater"].recall[50])
+    assert run.data.params["backbone"] == "oracle"
+    assert run.data.params["n_queries_engagement"] == "30"
+    listed = {a.path for d in ("plots", "report", "model", "promotion")
+              for a in client.list_artifacts(out.run_id, d)}
+    assert listed == {"plots/recall_at_k.png", "plots/propensity.png",
+                      "report/eval_report.html", "report/eval_summary.json",
+                      "model/embedder.onnx", "promotion/decision.json"}
+    assert out.model_version == run.data.tags["model_version"] == "loupe-embedder/1"
+    assert out.decision["promoted"] and out.decision["challenger_recall"] == 1.0
+    mv = client.get_model_version_by_alias("loupe-embedder", "champion")
+    assert str(mv.version) == "1" and mv.tags["eval_fingerprint"] == report.fingerprint
