@@ -188,6 +188,27 @@ def register_model_version(cfg: RegistryConfig, run: LoggedRun, recall_at_10: fl
     return ref
 
 
+def parse_model_version(model_version: str) -> ModelVersionRef:
+    """`loupe-embedder/3` -> ModelVersionRef; anything else is a readable error."""
+    name, sep, version = str(model_version).rpartition("/")
+    if not sep or not name or not version.isdigit():
+        raise ValueError(f"model version must look like 'loupe-embedder/3', got "
+                         f"{model_version!r}")
+    return ModelVersionRef(name, version)
+
+
+def download_model(cfg: RegistryConfig, model_version: str, dst: Path) -> Path:
+    """Fetch a registered version's exported files (its `model/` artifacts) into `dst`."""
+    from mlflow.artifacts import download_artifacts
+
+    ref = parse_model_version(model_version)
+    client = _client(cfg)
+    client.get_model_version(ref.name, ref.version)  # a clear MlflowException if unknown
+    uri = client.get_model_version_download_uri(ref.name, ref.version)
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    return Path(download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+
+
 def version_for_alias(cfg: RegistryConfig, alias: str) -> ModelVersionRef | None:
     """The version an alias points at, or None if the alias (or the model) does not exist."""
     from mlflow.exceptions import MlflowException

@@ -82,6 +82,16 @@ def test_run_holds_params_metrics_artifacts_and_registered_model(cfg, store, tmp
     assert (served / "embedder.ts").read_bytes() == b"torchscript bytes"
 
 
+def test_model_version_string_round_trips_to_files(cfg, tmp_path):
+    ref = _evaluated(cfg, tmp_path, 0.42)
+    assert reg.parse_model_version(ref.model_version) == ref
+    files = reg.download_model(cfg, ref.model_version, tmp_path / "fetched")
+    assert (files / "embedder-0.42.onnx").read_bytes() == b"onnx bytes 0.42"
+    for bad in ("loupe-embedder", "loupe-embedder/latest", "/3"):
+        with pytest.raises(ValueError, match="must look like 'loupe-embedder/3'"):
+            reg.parse_model_version(bad)
+
+
 def test_first_version_becomes_champion_and_every_new_version_is_challenger(cfg, tmp_path):
     v1 = _evaluated(cfg, tmp_path, 0.40)
     assert reg.version_for_alias(cfg, reg.CHALLENGER) == v1
