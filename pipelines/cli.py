@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-STAGES = ("world", "validate", "harvest", "demo", "registry")
+STAGES = ("world", "validate", "harvest", "demo", "registry", "embed", "index", "ingest")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,404 @@
+"""Embed stage: re-embed the whole catalog with one model version, resumably.
+
+A new embedding model makes every stored vector meaningless, so a model version gets its own
+embeddings directory and every row carries the model version. The catalog is split into
+partitions by a stable hash of the item id (the Airflow DAG maps one task per partition);
+each partition writes one parquet part file per batch (temp file, contract check, rename)
+and then moves its progress checkpoint. A killed run resumes at the checkpoint: part files
+past it are orphans of the killed batch and are replaced, so nothing is embedded twice and
+nothing is lost.
+
+    <out_dir>/
+      run.json                  model version, partition count, catalog fingerprint
+      part-0003/
+        progress.json           items_total, items_done, done, partition fingerprint
+        rows-0000000.parquet    EMBEDDINGS schema rows [0, batch) of the partition
+        rows-0000064.parquet    ...
+
+`embed_fn(paths, boxes) -> (n, 256) float32 unit vectors` (paths relative to the world root)
+is supplied by the caller: `registered_embed_fn` builds it from a registered model (detect ->
+salient box -> crop -> embed, the query path's treatment); `attribute_embed_fn` is the
+stand-in for worlds without images (benchmarks) and tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from data_contracts import schemas
+from pipelines.params import load_section
+from serving.shards.layout import stable_bucket, write_json_atomic
+
+log = logging.getLogger("loupe.embed")
+
+EmbedFn = Callable[[Sequence[str], np.ndarray | None], np.ndarray]
+RUN_FILE = "run.json"
+PROGRESS_FILE = "progress.json"
+QUARANTINE_DIR = "_quarantine"
+UNIT_NORM_TOL = 1e-3
+
+
+@dataclass(frozen=True)
+class EmbedParams:
+    n_partitions: int = 8
+    batch_size: int = 64
+    validate: bool = True  # GE embeddings contract on every part file before it lands
+
+    def __post_init__(self) -> None:
+        if self.n_partitions < 1 or self.batch_size < 1:
+            raise ValueError(f"n_partitions and batch_size must be >= 1: {self}")
+
+    @classmethod
+    def load(cls, params_path: Path | None = None) -> EmbedParams:
+        return cls(**load_section(params_path, "embed"))
+
+
+def partition_of(item_id: str, n_partitions: int) -> int:
+    """Stable partition of an item (independent of the shard assignment)."""
+    return stable_bucket(item_id, n_partitions, "partition")
+
+
+def part_dir(out_dir: Path, partition: int) -> Path:
+    return Path(out_dir) / f"part-{partition:04d}"
+
+
+def _fingerprint(items: pd.DataFrame) -> str:
+    text = "\n".join(items["item_id"] + "\t" + items["image_path"])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_catalog(world_root: Path) -> pd.DataFrame:
+    """item_id, product_id, image_path of every catalog item, sorted by item id."""
+    path = Path(world_root) / "tables" / "catalog.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"catalog not found: {path}")
+    cat = pq.read_table(path, columns=["item_id", "product_id", "image_path"]).to_pandas()
+    if cat["item_id"].duplicated().any():
+        raise ValueError(f"{path}: duplicate item ids, e.g. "
+                         f"{cat.loc[cat['item_id'].duplicated(), 'item_id'].iloc[0]}")
+    return cat.sort_values("item_id").reset_index(drop=True)
+
+
+def _init_run(out_dir: Path, model_version: str, n_partitions: int, catalog: pd.DataFrame
+              ) -> None:
+    """Create run.json exclusively (partition tasks race for it) or check it matches."""
+    want = {"model_version": model_version, "n_partitions": n_partitions,
+            "catalog_items": len(catalog), "catalog_fingerprint": _fingerprint(catalog)}
+    path = Path(out_dir) / RUN_FILE
+    if not path.exists():
+        tmp = path.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(want, indent=1, sort_keys=True))
+        try:
+            os.link(tmp, path)  # fails if another task created it first
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    have = json.loads(path.read_text())
+    for key in ("model_version", "n_partitions"):
+        if have[key] != want[key]:
+            raise ValueError(f"{out_dir} holds an embedding run with {key}={have[key]!r}, "
+                             f"not {want[key]!r}: use a new directory per model version")
+    if have["catalog_fingerprint"] != want["catalog_fingerprint"]:
+        raise ValueError(f"{out_dir}: the catalog changed since this embedding run started "
+                         f"({have['catalog_items']} -> {want['catalog_items']} items); "
+                         "re-embed into a new directory")
+
+
+def require_unit_vectors(vectors: np.ndarray, n: int, where: str) -> np.ndarray:
+    """(n, 256) finite unit-length float32, or a ValueError naming the first bad row."""
+    vectors = np.asarray(vectors)
+    if vectors.shape != (n, schemas.EMBEDDING_DIM):
+        raise ValueError(f"{where}: embed_fn returned shape {vectors.shape}, expected "
+                         f"({n}, {schemas.EMBEDDING_DIM})")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+    bad = np.flatnonzero(~np.isfinite(norms) | (np.abs(norms - 1.0) > UNIT_NORM_TOL))
+    if len(bad):
+        raise ValueError(f"{where}: {len(bad)} vectors are not finite unit vectors (row "
+                         f"{bad[0]} has norm {norms[bad[0]]:.4g}); the embedder must "
+                         "L2-normalise")
+    return vectors
+
+
+def embeddings_table(item_ids: Sequence[str], model_version: str, vectors: np.ndarray
+                     ) -> pa.Table:
+    """Rows in the EMBEDDINGS schema."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()),
+                                               schemas.EMBEDDING_DIM)
+    return pa.Table.from_arrays(
+        [pa.array(list(item_ids), pa.string()),
+         pa.array([model_version] * len(item_ids), pa.string()), column],
+        schema=schemas.EMBEDDINGS)
+
+
+def _write_part(path: Path, table: pa.Table, validate: bool, quarantine: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    if validate:
+        from pipelines.validate import validate_table
+
+        validate_table("embeddings", tmp, quarantine_dir=quarantine, docs_dir=None)
+    os.replace(tmp, path)
+
+
+def _embed_partition(items: pd.DataFrame, partition: int, model_version: str,
+                     embed_fn: EmbedFn, out_dir: Path, batch_size: int, validate: bool,
+                     show_progress: bool) -> int:
+    """Embed one partition from its checkpoint on; returns how many items it embedded."""
+    pdir = part_dir(out_dir, partition)
+    pdir.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(items)
+    progress_path = pdir / PROGRESS_FILE
+    done = 0
+    if progress_path.exists():
+        progress = json.loads(progress_path.read_text())
+        if progress["fingerprint"] != fingerprint:
+            raise ValueError(f"{pdir}: partition items changed since its checkpoint")
+        done = int(progress["items_done"])
+    for orphan in pdir.glob("rows-*.parquet"):  # written by a killed batch, never checkpointed
+        if int(orphan.stem.split("-")[1]) >= done:
+            orphan.unlink()
+    for stale in pdir.glob(".rows-*.tmp"):
+        stale.unlink()
+    total = len(items)
+    start_done = done
+    with tqdm(total=total, initial=done, desc=f"embed part {partition}", unit="item",
+              disable=not show_progress, file=sys.stderr, leave=False) as bar:
+        while done < total:
+            batch = items.iloc[done: done + batch_size]
+            vectors = require_unit_vectors(embed_fn(batch["image_path"].tolist(), None),
+                                           len(batch), f"partition {partition} rows {done}..")
+            table = embeddings_table(batch["item_id"].tolist(), model_version, vectors)
+            _write_part(pdir / f"rows-{done:07d}.parquet", table, validate,
+                        Path(out_dir) / QUARANTINE_DIR)
+            done += len(batch)
+            write_json_atomic(progress_path, {
+                "partition": partition, "items_total": total, "items_done": done,
+                "done": done == total, "fingerprint": fingerprint})
+            bar.update(len(batch))
+    if total == 0:
+        write_json_atomic(progress_path, {"partition": partition, "items_total": 0,
+                                          "items_done": 0, "done": True,
+                                          "fingerprint": fingerprint})
+    return done - start_done
+
+
+def reembed(world_root: Path, model_version: str, embed_fn: EmbedFn, out_dir: Path,
+            partitions: Sequence[int] | None = None, batch_size: int = 64, *,
+            n_partitions: int = 8, validate: bool = True, show_progress: bool = True) -> dict:
+    """Embed the catalog partitions `partitions` (all when None) into `out_dir`, resuming
+    each from its checkpoint. Returns items embedded per partition and the elapsed time."""
+    if not model_version:
+        raise ValueError("model_version is required: vectors always carry their model")
+    if n_partitions < 1 or batch_size < 1:
+        raise ValueError(f"n_partitions ({n_partitions}) and batch_size ({batch_size}) "
+                         "must be >= 1")
+    parts = list(range(n_partitions)) if partitions is None else [int(p) for p in partitions]
+    bad = [p for p in parts if not 0 <= p < n_partitions]
+    if bad:
+        raise ValueError(f"partitions {bad} outside [0, {n_partitions})")
+    catalog = read_catalog(world_root)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _init_run(out_dir, model_version, n_partitions, catalog)
+    bucket = np.array([partition_of(i, n_partitions) for i in catalog["item_id"]])
+    t0 = time.perf_counter()
+    embedded = {}
+    for p in parts:
+        items = catalog[bucket == p].reset_index(drop=True)
+        embedded[p] = _embed_partition(items, p, model_version, embed_fn, out_dir,
+                                       batch_size, validate, show_progress)
+        log.info("embed %s: partition %d/%d: %d new vectors, %d total", model_version, p,
+                 n_partitions, embedded[p], len(items))
+    return {"model_version": model_version, "out_dir": str(out_dir), "embedded": embedded,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# --------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class Embeddings:
+    item_ids: np.ndarray  # str, sorted
+    vectors: np.ndarray  # (n, 256) float32 unit
+    model_version: str
+
+
+def embedding_progress(embeddings_dir: Path) -> dict:
+    """run.json plus each partition's progress (what `loupe embed --status` prints)."""
+    run_path = Path(embeddings_dir) / RUN_FILE
+    if not run_path.is_file():
+        raise FileNotFoundError(f"{embeddings_dir} is not an embedding run (no {RUN_FILE})")
+    run = json.loads(run_path.read_text())
+    parts = {}
+    for p in range(run["n_partitions"]):
+        path = part_dir(embeddings_dir, p) / PROGRESS_FILE
+        parts[p] = json.loads(path.read_text()) if path.is_file() else None
+    return {**run, "partitions": parts,
+            "complete": all(v is not None and v["done"] for v in parts.values())}
+
+
+def load_embeddings(embeddings_dir: Path) -> Embeddings:
+    """All vectors of a finished embedding run; refuses an unfinished run, duplicate items
+    and any row whose model version differs from the run's."""
+    status = embedding_progress(embeddings_dir)
+    missing = [p for p, v in status["partitions"].items() if v is None or not v["done"]]
+    if missing:
+        raise ValueError(f"{embeddings_dir}: embedding run incomplete, partitions {missing} "
+                         "not done; resume it with the same command")
+    tables = [pq.read_table(f) for p in status["partitions"]
+              for f in sorted(part_dir(embeddings_dir, p).glob("rows-*.parquet"))]
+    table = pa.concat_tables(tables) if tables else schemas.EMBEDDINGS.empty_table()
+    versions = set(table.column("model_version").unique().to_pylist())
+    if versions - {status["model_version"]}:
+        raise ValueError(f"{embeddings_dir}: mixed model versions {sorted(versions)} in a run "
+                         f"of {status['model_version']!r}; refusing to mix them")
+    ids = np.array(table.column("item_id").to_pylist(), dtype=str)
+    if len(ids) != status["catalog_items"]:
+        raise ValueError(f"{embeddings_dir}: {len(ids)} vectors for "
+                         f"{status['catalog_items']} catalog items")
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError(f"{embeddings_dir}: duplicate item ids across part files")
+    vectors = (table.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False)
+               .reshape(len(ids), schemas.EMBEDDING_DIM).astype(np.float32, copy=False))
+    order = np.argsort(ids, kind="stable")
+    return Embeddings(ids[order], np.ascontiguousarray(vectors[order]),
+                      status["model_version"])
+
+
+# --------------------------------------------------------------------------- embed_fns
+def _unit(seed: int, key: str, dim: int) -> np.ndarray:
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    v = np.random.default_rng(int.from_bytes(digest, "little")).standard_normal(dim)
+    return v / np.linalg.norm(v)
+
+
+def attribute_vectors(catalog: pd.DataFrame, seed: int = 0, dim: int = schemas.EMBEDDING_DIM,
+                      weights: tuple[float, float, float, float] = (0.6, 1.0, 0.7, 0.45)
+                      ) -> np.ndarray:
+    """Deterministic clustered unit vectors from public catalog attributes, no model.
+
+    vector ∝ w_c·u(category) + w_s·u(style) + w_p·u(product) + w_i·u(listing), with u(key) a
+    random unit direction seeded by (seed, key) and style = (category, shape, palette,
+    pattern, material). Listings of one product are near neighbours, the same style comes
+    next: the structure a good embedder gives, for benchmarks on worlds without images and
+    for tests. A different `seed` is a different (incompatible) "model".
+    """
+    need = {"item_id", "product_id", "category", "shape_family", "palette", "pattern",
+            "material"}
+    if need - set(catalog.columns):
+        raise ValueError(f"catalog lacks columns {sorted(need - set(catalog.columns))}")
+    wc, ws, wp, wi = weights
+    cache: dict[str, np.ndarray] = {}
+
+    def unit(key: str) -> np.ndarray:
+        if key not in cache:
+            cache[key] = _unit(seed, key, dim)
+        return cache[key]
+
+    out = np.empty((len(catalog), dim), np.float32)
+    for row, r in enumerate(catalog.itertuples(index=False)):
+        style = f"style:{r.category}|{r.shape_family}|{r.palette}|{r.pattern}|{r.material}"
+        v = (wc * unit(f"cat:{r.category}") + ws * unit(style)
+             + wp * unit(f"product:{r.product_id}") + wi * _unit(seed, f"item:{r.item_id}", dim))
+        out[row] = v / np.linalg.norm(v)
+    return out
+
+
+def attribute_embed_fn(world_root: Path, seed: int = 0) -> EmbedFn:
+    """embed_fn over catalog image paths backed by `attribute_vectors` (see there)."""
+    path = Path(world_root) / "tables" / "catalog.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"catalog not found: {path}")
+    catalog = pd.read_parquet(path)
+    vectors = attribute_vectors(catalog, seed)
+    row_of = {p: i for i, p in enumerate(catalog["image_path"])}
+
+    def embed(paths: Sequence[str], boxes: np.ndarray | None) -> np.ndarray:
+        unknown = [p for p in paths if p not in row_of]
+        if unknown:
+            raise ValueError(f"attribute vectors exist only for catalog photos, not {unknown[0]}")
+        return vectors[[row_of[p] for p in paths]]
+
+    return embed
+
+
+def attribute_model_version(seed: int) -> str:
+    return f"attributes/{seed}"
+
+
+def salient_boxes(detector, world_root: Path, paths: Sequence[str]) -> np.ndarray:
+    """The detector's salient box per photo (models.detector.pick_salient), whole image when
+    it finds nothing: the box a user would get offered for the same photo."""
+    from PIL import Image
+
+    from models.detector import pick_salient
+
+    images = [Image.open(Path(world_root) / p).convert("RGB") for p in paths]
+    boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0]), (len(paths), 1))
+    for i, det in enumerate(detector.detect(images)):
+        best = pick_salient(det.boxes, det.scores)
+        if best is not None:
+            boxes[i] = det.boxes[best].numpy()
+    return boxes
+
+
+def detect_crop_embed_fn(world_root: Path, detector, model, embed_images) -> EmbedFn:
+    """Catalog photos get the query path's treatment: detect -> salient box -> crop -> embed.
+
+    `detector` has `detect(images) -> list[Detections]` (models.detector.ExportedDetector);
+    `embed_images(model, root, paths, boxes)` crops each box and embeds it (models.embedder).
+    Boxes given by the caller (a rater query's box) skip detection.
+    """
+    def embed(paths: Sequence[str], boxes: np.ndarray | None) -> np.ndarray:
+        if boxes is None:
+            boxes = salient_boxes(detector, world_root, paths)
+        return embed_images(model, Path(world_root), list(paths), boxes)
+
+    return embed
+
+
+# --------------------------------------------------------------------------- CLI
+def add_cli(sub) -> None:
+    p = sub.add_parser("embed", help="re-embed the catalog with one model version (resumable)")
+    p.add_argument("--world", type=Path, required=True, help="world / data root")
+    p.add_argument("--out", type=Path, required=True, help="embeddings dir for this model")
+    p.add_argument("--attribute-vectors", type=int, default=None, metavar="SEED",
+                   help="no model: clustered vectors from catalog attributes (benchmarks)")
+    p.add_argument("--partition", type=int, action="append", default=None,
+                   help="embed only this partition (repeatable; default: all)")
+    p.add_argument("--params", type=Path, default=None)
+    p.add_argument("--status", action="store_true", help="print progress and exit")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    if args.status:
+        print(json.dumps(embedding_progress(args.out), indent=1))
+        return 0
+    params = EmbedParams.load(args.params)
+    if args.attribute_vectors is None:
+        raise ValueError("--attribute-vectors SEED is required (registered-model embedding "
+                         "is available from Python: detect_crop_embed_fn)")
+    model_version = attribute_model_version(args.attribute_vectors)
+    embed_fn = attribute_embed_fn(args.world, args.attribute_vectors)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    summary = reembed(args.world, model_version, embed_fn, args.out, args.partition,
+                      params.batch_size, n_partitions=params.n_partitions,
+                      validate=params.validate)
+    print(json.dumps(summary, indent=1))
+    return 0

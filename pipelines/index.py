@@ -1,0 +1,631 @@
+"""Index stage: shard builds, manifest, canary, atomic cutover / rollback, compaction.
+
+Lifecycle of an index version (layout: serving/shards/layout.py):
+
+1. `build_shard` per shard, independently (the DAG runs them in parallel): items go to shards
+   by a stable hash of the item id; each shard is FAISS HNSW over fp16-quantised vectors
+   (`IndexHNSWSQ`, QT_fp16; labels are rows of the shard's `ids.npy`) or, as an option,
+   IVF-PQ whose top candidates are re-scored exactly against the raw vectors (`vectors.npy`,
+   memory-mapped). A version holds vectors of exactly one model version.
+2. `write_manifest`, last and atomically: model version, shard files with sha256, counts,
+   parameters, build time. From then on the version directory is immutable.
+3. `canary`: probe queries with known neighbours (the other listings of the same product;
+   rater-set queries when a query embedder is given), the overlap of the index's answers with
+   exact search, and embedding-norm statistics; a failing version gets a verdict with reasons.
+4. `cutover` moves the `current` pointer (symlink replaced by an atomic rename) to a version
+   with a passing verdict, keeping `previous`; `rollback` is one step back. Shard stores
+   watch the pointer and hot-swap.
+5. `compact` folds the streaming delta into a fresh build (tombstones dropped, upserts added,
+   the graph rebuilt), which then goes through the same canary and cutover.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from data_contracts.schemas import EMBEDDING_DIM
+from pipelines.embed import EmbedFn, load_embeddings, read_catalog, require_unit_vectors
+from pipelines.params import load_section
+from pipelines.storage import atomic_dir
+from serving.shards import layout
+from serving.shards.delta import DELETE, UPSERT, DeltaLog
+from serving.shards.store import HNSW_FP16, IVFPQ, ShardIndex
+
+log = logging.getLogger("loupe.index")
+KINDS = (HNSW_FP16, IVFPQ)
+
+
+# --------------------------------------------------------------------------- params
+@dataclass(frozen=True)
+class CanaryParams:
+    k: int = 10
+    max_probes: int = 300
+    min_probe_recall: float = 0.5  # same-product listings found in the top k
+    min_exact_overlap: float = 0.9  # |index top-k ∩ exact top-k| / k
+    min_rater_recall: float = 0.3  # rater-set recall@k (with a query embedder)
+    norm_tolerance: float = 0.01  # every stored vector's |‖v‖ - 1|
+    max_mean_vector_norm: float = 0.9  # ‖mean vector‖ near 1 = collapsed embeddings
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StoreParams:
+    keep_previous_s: float = 300.0
+    poll_s: float = 0.1
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    kind: str = HNSW_FP16
+    n_shards: int = 2
+    hnsw_m: int = 16
+    ef_construction: int = 100
+    ef_search: int = 64
+    ivf_nlist: int = 256
+    pq_m: int = 32
+    pq_nbits: int = 8
+    nprobe: int = 16
+    rescore: int = 100  # IVF-PQ candidates re-scored exactly
+    build_threads: int = 0  # 0: FAISS default (all cores)
+    canary: CanaryParams = field(default_factory=CanaryParams)
+    store: StoreParams = field(default_factory=StoreParams)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"index kind must be one of {KINDS}, got {self.kind!r}")
+        if self.n_shards < 1:
+            raise ValueError(f"n_shards must be >= 1, got {self.n_shards}")
+        if EMBEDDING_DIM % self.pq_m:
+            raise ValueError(f"pq_m={self.pq_m} must divide the dimension {EMBEDDING_DIM}")
+
+    @classmethod
+    def load(cls, params_path: Path | None = None) -> IndexParams:
+        section = dict(load_section(params_path, "index"))
+        canary = CanaryParams(**section.pop("canary", {}) or {})
+        store = StoreParams(**section.pop("store", {}) or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(section) - known
+        if unknown:
+            raise ValueError(f"unknown index params {sorted(unknown)}")
+        return cls(**section, canary=canary, store=store)
+
+    def build_params(self) -> dict:
+        """The parameters that shape a shard of this kind (recorded in its manifest)."""
+        if self.kind == HNSW_FP16:
+            return {"m": self.hnsw_m, "ef_construction": self.ef_construction,
+                    "ef_search": self.ef_search}
+        return {"nlist": self.ivf_nlist, "m": self.pq_m, "nbits": self.pq_nbits,
+                "nprobe": self.nprobe, "rescore": self.rescore}
+
+
+def new_version_id(model_version: str) -> str:
+    """Sortable, unique, and naming its model: 20261101T120000123456Z-loupe-embedder-3."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model_version).strip("-")
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{slug}"
+
+
+# --------------------------------------------------------------------------- shard builds
+def _faiss_index(kind: str, p: dict, vectors: np.ndarray) -> faiss.Index:
+    d = vectors.shape[1]
+    if kind == HNSW_FP16:
+        index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_fp16, p["m"])
+        index.hnsw.efConstruction = p["ef_construction"]
+        index.hnsw.efSearch = p["ef_search"]
+        index.train(vectors)  # fp16 needs no statistics; marks the quantiser trained
+    else:
+        need = max(p["nlist"], 2 ** p["nbits"]) * 4
+        if len(vectors) < need:
+            raise ValueError(f"IVF-PQ (nlist={p['nlist']}, nbits={p['nbits']}) needs >= {need} "
+                             f"vectors per shard to train, this shard has {len(vectors)}; use "
+                             "kind hnsw_fp16 or a smaller ivf_nlist")
+        index = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, p["nlist"], p["m"], p["nbits"])
+        index.cp.seed = 0
+        index.train(vectors)
+        index.nprobe = p["nprobe"]
+    index.add(vectors)
+    return index
+
+
+def build_shard_from_arrays(item_ids: np.ndarray, vectors: np.ndarray, model_version: str,
+                            shard_id: int, params: IndexParams, version_dir: Path) -> dict:
+    """Build shard `shard_id` of `version_dir` from the items that hash to it."""
+    version_dir = Path(version_dir)
+    if (version_dir / layout.MANIFEST).exists():
+        raise ValueError(f"{version_dir} is finalised (has a manifest) and immutable; "
+                         "build a new version instead")
+    if not 0 <= shard_id < params.n_shards:
+        raise ValueError(f"shard {shard_id} outside [0, {params.n_shards})")
+    for other in version_dir.glob("shard-*/" + layout.SHARD_META):
+        meta = json.loads(other.read_text())
+        if meta["model_version"] != model_version:
+            raise ValueError(f"{version_dir} already has shards of model "
+                             f"{meta['model_version']!r}; refusing to add {model_version!r}")
+    mine = np.array([layout.shard_of(i, params.n_shards) == shard_id for i in item_ids],
+                    dtype=bool)
+    ids = np.asarray(item_ids, dtype=str)[mine]
+    vecs = np.ascontiguousarray(vectors[mine], dtype=np.float32)
+    if params.build_threads:
+        faiss.omp_set_num_threads(params.build_threads)
+    t0 = time.perf_counter()
+    index = _faiss_index(params.kind, params.build_params(), vecs)
+    seconds = time.perf_counter() - t0
+    meta = {"shard_id": shard_id, "n_shards": params.n_shards, "count": int(len(ids)),
+            "model_version": model_version, "kind": params.kind,
+            "params": params.build_params(), "dim": int(vectors.shape[1]),
+            "build_seconds": round(seconds, 3)}
+    version_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(layout.shard_dir(version_dir, shard_id)) as tmp:
+        faiss.write_index(index, str(tmp / layout.INDEX_FILE))
+        np.save(tmp / layout.IDS_FILE, ids, allow_pickle=False)
+        np.save(tmp / layout.VECTORS_FILE, vecs, allow_pickle=False)
+        (tmp / layout.SHARD_META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    log.info("built shard %d of %s: %d vectors in %.2fs", shard_id, version_dir.name,
+             len(ids), seconds)
+    return meta
+
+
+def build_shard(embeddings_dir: Path, shard_id: int, n_shards: int, params: IndexParams,
+                out_dir: Path) -> dict:
+    """Build one shard of the index version `out_dir` from a finished embedding run."""
+    if n_shards != params.n_shards:
+        params = IndexParams(**{**_own_fields(params), "n_shards": n_shards})
+    emb = load_embeddings(embeddings_dir)
+    return build_shard_from_arrays(emb.item_ids, emb.vectors, emb.model_version, shard_id,
+                                   params, out_dir)
+
+
+def _own_fields(params: IndexParams) -> dict:
+    return {f.name: getattr(params, f.name) for f in fields(params)}
+
+
+def write_manifest(version_dir: Path, n_shards: int, source: dict, delta_seq: int = 0
+                   ) -> dict:
+    """Check the shards agree, checksum every file and write manifest.json last."""
+    version_dir = Path(version_dir)
+    if (version_dir / layout.MANIFEST).exists():
+        raise ValueError(f"{version_dir} already has a manifest")
+    shards, metas = [], []
+    for s in range(n_shards):
+        sdir = layout.shard_dir(version_dir, s)
+        if not (sdir / layout.SHARD_META).is_file():
+            raise FileNotFoundError(f"{version_dir}: shard {s} of {n_shards} is not built")
+        meta = json.loads((sdir / layout.SHARD_META).read_text())
+        metas.append(meta)
+        shards.append({"shard_id": s, "count": meta["count"],
+                       "build_seconds": meta["build_seconds"],
+                       "files": {name: {"sha256": layout.sha256_file(sdir / name),
+                                        "bytes": (sdir / name).stat().st_size}
+                                 for name in layout.SHARD_FILES}})
+    for key in ("model_version", "kind", "params", "n_shards", "dim"):
+        values = {json.dumps(m[key], sort_keys=True) for m in metas}
+        if len(values) > 1:
+            raise ValueError(f"{version_dir}: shards disagree on {key}: {sorted(values)}")
+    if metas[0]["n_shards"] != n_shards:
+        raise ValueError(f"{version_dir}: shards were built for {metas[0]['n_shards']} shards")
+    manifest = {
+        "format": 1, "index_version": version_dir.name,
+        "model_version": metas[0]["model_version"], "kind": metas[0]["kind"],
+        "params": metas[0]["params"], "n_shards": n_shards, "dim": metas[0]["dim"],
+        "count": sum(m["count"] for m in metas), "delta_seq": int(delta_seq),
+        "build_seconds": round(sum(m["build_seconds"] for m in metas), 3),
+        "built_at": datetime.now(UTC).isoformat(), "source": source, "shards": shards,
+    }
+    layout.write_json_atomic(version_dir / layout.MANIFEST, manifest)
+    for sdir in version_dir.glob("shard-*"):  # immutable from here on
+        for f in sdir.iterdir():
+            f.chmod(0o444)
+    return manifest
+
+
+def build_index(embeddings_dir: Path, index_root: Path, params: IndexParams,
+                version: str | None = None) -> Path:
+    """Every shard (in sequence; the DAG maps them instead) plus the manifest."""
+    emb = load_embeddings(embeddings_dir)
+    vdir = layout.version_dir(index_root, version or new_version_id(emb.model_version))
+    for s in range(params.n_shards):
+        build_shard_from_arrays(emb.item_ids, emb.vectors, emb.model_version, s, params, vdir)
+    write_manifest(vdir, params.n_shards, {"embeddings_dir": str(Path(embeddings_dir))})
+    return vdir
+
+
+# --------------------------------------------------------------------------- canary
+@dataclass
+class CanaryVerdict:
+    index_version: str
+    model_version: str
+    passed: bool
+    reasons: list[str]
+    metrics: dict
+    manifest_sha256: str
+    checked_at: str
+    params: dict
+
+
+def load_version(index_root: Path, version: str, verify: bool = True
+                 ) -> tuple[dict, list[ShardIndex]]:
+    vdir = layout.version_dir(index_root, version)
+    manifest = layout.read_manifest(vdir)
+    return manifest, [ShardIndex.load(vdir, s, manifest, verify)
+                      for s in range(manifest["n_shards"])]
+
+
+def search_shards(shards: list[ShardIndex], queries: np.ndarray, k: int
+                  ) -> list[list[tuple[str, float]]]:
+    """Top-k over every shard of a version, merged by score (what the fan-out does)."""
+    per_shard = [s.search(queries, k) for s in shards]
+    out = []
+    for q in range(len(queries)):
+        cands = [(str(shard.ids[lab]), float(sc)) for shard, (scores, labels) in
+                 zip(shards, per_shard, strict=True)
+                 for sc, lab in zip(scores[q], labels[q], strict=True) if lab >= 0]
+        out.append(sorted(cands, key=lambda c: -c[1])[:k])
+    return out
+
+
+def _exact_top(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    return flat.search(queries, min(k, len(vectors)))[1]
+
+
+def canary(index_root: Path, version: str, world_root: Path, params: CanaryParams,
+           query_embed_fn: EmbedFn | None = None, expected_model_version: str | None = None
+           ) -> CanaryVerdict:
+    """Probe a built version; the verdict (also saved under verdicts/) gates cutover."""
+    manifest, shards = load_version(index_root, version)
+    k = params.k
+    reasons: list[str] = []
+    ids = np.concatenate([s.ids for s in shards])
+    vectors = np.ascontiguousarray(np.concatenate([np.asarray(s.vectors) for s in shards]),
+                                   dtype=np.float32)
+    if expected_model_version and manifest["model_version"] != expected_model_version:
+        reasons.append(f"model version {manifest['model_version']!r} is not the expected "
+                       f"{expected_model_version!r}")
+    if len(ids) == 0:
+        raise ValueError(f"index version {version} is empty")
+
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+    mean_vector_norm = float(np.linalg.norm(vectors.mean(axis=0)))
+    metrics: dict = {"items": int(len(ids)), "norm_min": float(norms.min()),
+                     "norm_max": float(norms.max()), "norm_mean": float(norms.mean()),
+                     "mean_vector_norm": mean_vector_norm}
+    if np.abs(norms - 1).max() > params.norm_tolerance:
+        reasons.append(f"vector norms span [{norms.min():.4f}, {norms.max():.4f}], outside "
+                       f"1 ± {params.norm_tolerance}")
+    if mean_vector_norm > params.max_mean_vector_norm:
+        reasons.append(f"embeddings collapsed: ‖mean vector‖ = {mean_vector_norm:.3f} > "
+                       f"{params.max_mean_vector_norm}")
+
+    # same-product probes: a listing's nearest neighbours should include its siblings
+    catalog = read_catalog(world_root)
+    product = catalog.set_index("item_id")["product_id"]
+    indexed = pd.Series(ids).map(product)
+    row_of = {item: r for r, item in enumerate(ids)}
+    siblings = {p: set(g) for p, g in pd.Series(ids).groupby(indexed.to_numpy())}
+    probes = [r for r, p in enumerate(indexed) if isinstance(p, str) and len(siblings[p]) > 1]
+    rng = np.random.default_rng(params.seed)
+    if len(probes) > params.max_probes:
+        probes = sorted(rng.choice(probes, params.max_probes, replace=False).tolist())
+    metrics["n_probes"] = len(probes)
+    if not probes:
+        reasons.append("no probe queries: no product has two listings in this index")
+    else:
+        queries = vectors[probes]
+        found = search_shards(shards, queries, k + 1)
+        exact = _exact_top(vectors, queries, k + 1)
+        recalls, overlaps = [], []
+        for q, r in enumerate(probes):
+            got = [item for item, _ in found[q] if item != ids[r]][:k]
+            want = [ids[e] for e in exact[q] if e != r][:k]
+            sib = siblings[indexed.iloc[r]] - {ids[r]}
+            recalls.append(len(set(got) & sib) / min(k, len(sib)))
+            overlaps.append(len(set(got) & set(want)) / max(1, len(want)))
+        metrics["probe_recall"] = float(np.mean(recalls))
+        metrics["exact_overlap"] = float(np.mean(overlaps))
+        if metrics["probe_recall"] < params.min_probe_recall:
+            reasons.append(f"same-product probe recall@{k} {metrics['probe_recall']:.3f} < "
+                           f"{params.min_probe_recall}")
+        if metrics["exact_overlap"] < params.min_exact_overlap:
+            reasons.append(f"overlap with exact search {metrics['exact_overlap']:.3f} < "
+                           f"{params.min_exact_overlap}")
+
+    if query_embed_fn is not None:
+        from pipelines.evaluate import load_rater_set, recall_at_k
+
+        rater = load_rater_set(world_root)
+        keep = [q for q, rel in enumerate(rater.relevant) if set(rel) & set(row_of)]
+        if not keep:
+            reasons.append("rater probes: no rater query has a relevant item in this index")
+        else:
+            qv = require_unit_vectors(
+                query_embed_fn([rater.query_paths[q] for q in keep], rater.query_boxes[keep]),
+                len(keep), "rater query embeddings")
+            found = search_shards(shards, qv, k)
+            rel = [set(rater.relevant[q]) & set(row_of) for q in keep]
+            recall = float(recall_at_k([[i for i, _ in f] for f in found], rel, [k])[k].mean())
+            metrics["rater_recall"] = recall
+            metrics["n_rater_probes"] = len(keep)
+            if recall < params.min_rater_recall:
+                reasons.append(f"rater-set recall@{k} {recall:.3f} < {params.min_rater_recall}")
+
+    vdir = layout.version_dir(index_root, version)
+    verdict = CanaryVerdict(
+        index_version=version, model_version=manifest["model_version"], passed=not reasons,
+        reasons=reasons, metrics=metrics,
+        manifest_sha256=layout.sha256_file(vdir / layout.MANIFEST),
+        checked_at=datetime.now(UTC).isoformat(), params=asdict(params))
+    layout.write_json_atomic(layout.verdict_path(index_root, version), asdict(verdict))
+    log.info("canary %s: %s %s", version, "PASS" if verdict.passed else "FAIL", reasons)
+    return verdict
+
+
+def read_verdict(index_root: Path, version: str) -> CanaryVerdict | None:
+    path = layout.verdict_path(index_root, version)
+    return CanaryVerdict(**json.loads(path.read_text())) if path.is_file() else None
+
+
+# --------------------------------------------------------------------------- cutover
+@contextmanager
+def _pointer_lock(index_root: Path) -> Iterator[None]:
+    """Serialise pointer moves (two operators, or the DAG and a human, at once)."""
+    Path(index_root).mkdir(parents=True, exist_ok=True)
+    with open(Path(index_root) / ".pointer.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _set_pointer(index_root: Path, name: str, version: str | None) -> None:
+    """Point `name` at `version` by renaming a fresh symlink over it (atomic for readers)."""
+    link = Path(index_root) / name
+    if version is None:
+        link.unlink(missing_ok=True)
+        return
+    tmp = link.with_name(f".{name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(f"{layout.VERSIONS}/{version}", tmp)
+    os.replace(tmp, link)
+
+
+def _log_move(index_root: Path, action: str, old: str | None, new: str | None) -> dict:
+    entry = {"at": datetime.now(UTC).isoformat(), "action": action, "from": old, "to": new}
+    with open(Path(index_root) / layout.HISTORY, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return entry
+
+
+def _require_passing(index_root: Path, version: str) -> None:
+    vdir = layout.version_dir(index_root, version)
+    layout.read_manifest(vdir)
+    verdict = read_verdict(index_root, version)
+    if verdict is None:
+        raise ValueError(f"index version {version} has no canary verdict; run `loupe canary`")
+    if not verdict.passed:
+        raise ValueError(f"index version {version} failed its canary: "
+                         + "; ".join(verdict.reasons))
+    if verdict.manifest_sha256 != layout.sha256_file(vdir / layout.MANIFEST):
+        raise ValueError(f"index version {version}: manifest changed after its canary")
+
+
+def cutover(index_root: Path, version: str) -> dict:
+    """Make `version` live (it must have a passing canary); the live one becomes previous."""
+    with _pointer_lock(index_root):
+        _require_passing(index_root, version)
+        live = layout.pointer(index_root, layout.CURRENT)
+        if live == version:
+            raise ValueError(f"index version {version} is already live")
+        if live is not None:
+            _set_pointer(index_root, layout.PREVIOUS, live)
+        _set_pointer(index_root, layout.CURRENT, version)
+        return _log_move(index_root, "cutover", live, version)
+
+
+def rollback(index_root: Path) -> dict:
+    """One step back: `previous` becomes live again and the rolled-back version is unset."""
+    with _pointer_lock(index_root):
+        prev = layout.pointer(index_root, layout.PREVIOUS)
+        live = layout.pointer(index_root, layout.CURRENT)
+        if prev is None:
+            raise ValueError(f"{index_root}: no previous index version to roll back to")
+        _require_passing(index_root, prev)
+        _set_pointer(index_root, layout.CURRENT, prev)
+        _set_pointer(index_root, layout.PREVIOUS, None)
+        return _log_move(index_root, "rollback", live, prev)
+
+
+# --------------------------------------------------------------------------- compaction
+def compact(index_root: Path, params: IndexParams, version: str | None = None) -> Path:
+    """A new version = live version + delta (upserts folded in, tombstones dropped), built
+    from scratch with `params`; its manifest records the delta seq it folded in, so stores
+    replay only newer delta rows on top of it."""
+    live = layout.pointer(index_root, layout.CURRENT)
+    if live is None:
+        raise ValueError(f"{index_root}: nothing is live, nothing to compact")
+    manifest, shards = load_version(index_root, live)
+    model = manifest["model_version"]
+    items = {str(i): v for s in shards for i, v in zip(s.ids.tolist(), np.asarray(s.vectors),
+                                                        strict=True)}
+    upto = manifest["delta_seq"]
+    folded = dropped = other_model = 0
+    delta_path = Path(index_root) / layout.DELTA_DB
+    if delta_path.exists():
+        delta = DeltaLog(delta_path, create=False)
+        try:
+            upto = max(upto, delta.max_seq())
+            for row in delta.rows_after(manifest["delta_seq"], upto=upto):
+                if row.op == UPSERT and row.model_version != model:
+                    other_model += 1
+                elif row.op == UPSERT:
+                    items[row.item_id] = row.vector
+                    folded += 1
+                elif row.op == DELETE and items.pop(row.item_id, None) is not None:
+                    dropped += 1
+        finally:
+            delta.close()
+    ids = np.array(sorted(items), dtype=str)
+    vectors = np.stack([items[i] for i in ids]) if len(ids) else \
+        np.zeros((0, manifest["dim"]), np.float32)
+    vdir = layout.version_dir(index_root, version or new_version_id(model))
+    for s in range(params.n_shards):
+        build_shard_from_arrays(ids, vectors, model, s, params, vdir)
+    write_manifest(vdir, params.n_shards, {
+        "compacted_from": live, "delta_upserts_folded": folded, "tombstones_dropped": dropped,
+        "delta_rows_of_other_models": other_model}, delta_seq=upto)
+    log.info("compacted %s -> %s: %d upserts folded, %d tombstones dropped", live, vdir.name,
+             folded, dropped)
+    return vdir
+
+
+def prune_delta(index_root: Path) -> int:
+    """Drop delta rows already folded into both the live and the previous version."""
+    delta_path = Path(index_root) / layout.DELTA_DB
+    pointed = [v for v in (layout.pointer(index_root, layout.CURRENT),
+                           layout.pointer(index_root, layout.PREVIOUS)) if v]
+    if not delta_path.exists() or not pointed:
+        return 0
+    upto = min(layout.read_manifest(layout.version_dir(index_root, v))["delta_seq"]
+               for v in pointed)
+    delta = DeltaLog(delta_path, create=False)
+    try:
+        return delta.prune(upto)
+    finally:
+        delta.close()
+
+
+def index_status(index_root: Path) -> dict:
+    root = Path(index_root)
+    versions = sorted(p.name for p in (root / layout.VERSIONS).glob("*") if p.is_dir()) \
+        if (root / layout.VERSIONS).exists() else []
+    out = {"current": layout.pointer(root, layout.CURRENT),
+           "previous": layout.pointer(root, layout.PREVIOUS), "versions": {}}
+    for v in versions:
+        vdir = layout.version_dir(root, v)
+        verdict = read_verdict(root, v)
+        m = json.loads((vdir / layout.MANIFEST).read_text()) \
+            if (vdir / layout.MANIFEST).exists() else None
+        out["versions"][v] = {
+            "finalised": m is not None, "model_version": m and m["model_version"],
+            "count": m and m["count"],
+            "canary": None if verdict is None else ("pass" if verdict.passed else "fail")}
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+def add_cli(sub) -> None:
+    def root(p, version: bool = False) -> None:
+        p.add_argument("--index-root", type=Path, required=True)
+        p.add_argument("--params", type=Path, default=None)
+        if version:
+            p.add_argument("--version", required=True, help="index version id")
+
+    p = sub.add_parser("build-shard", help="build one shard of an index version")
+    root(p, version=True)
+    p.add_argument("--embeddings", type=Path, required=True)
+    p.add_argument("--shard", type=int, required=True)
+    p.set_defaults(func=_build_shard_cli)
+
+    p = sub.add_parser("finalize-index", help="checksum the built shards, write the manifest")
+    root(p, version=True)
+    p.add_argument("--embeddings", type=Path, required=True)
+    p.set_defaults(func=_finalize_cli)
+
+    p = sub.add_parser("build-index", help="build every shard and the manifest")
+    root(p)
+    p.add_argument("--embeddings", type=Path, required=True)
+    p.add_argument("--version", default=None, help="default: <utc time>-<model>")
+    p.set_defaults(func=_build_index_cli)
+
+    p = sub.add_parser("canary", help="probe an index version; exits 1 when it fails")
+    root(p, version=True)
+    p.add_argument("--world", type=Path, required=True, help="catalog (and rater set) root")
+    p.add_argument("--expect-model", default=None, help="the serving embedder's version")
+    p.set_defaults(func=_canary_cli)
+
+    p = sub.add_parser("cutover", help="make a canary-passed index version live")
+    root(p, version=True)
+    p.set_defaults(func=lambda a: _print(cutover(a.index_root, a.version)))
+
+    p = sub.add_parser("rollback", help="one step back to the previous index version")
+    root(p)
+    p.set_defaults(func=lambda a: _print(rollback(a.index_root)))
+
+    p = sub.add_parser("compact", help="fold the delta into a rebuilt version, canary, cutover")
+    root(p)
+    p.add_argument("--world", type=Path, required=True)
+    p.add_argument("--no-cutover", action="store_true")
+    p.set_defaults(func=_compact_cli)
+
+    p = sub.add_parser("index-status", help="live / previous versions and canary verdicts")
+    root(p)
+    p.set_defaults(func=lambda a: _print(index_status(a.index_root)))
+
+
+def _print(payload: dict) -> int:
+    print(json.dumps(payload, indent=1, default=str))
+    return 0
+
+
+def _build_shard_cli(args) -> int:
+    params = IndexParams.load(args.params)
+    vdir = layout.version_dir(args.index_root, args.version)
+    return _print(build_shard(args.embeddings, args.shard, params.n_shards, params, vdir))
+
+
+def _finalize_cli(args) -> int:
+    params = IndexParams.load(args.params)
+    vdir = layout.version_dir(args.index_root, args.version)
+    manifest = write_manifest(vdir, params.n_shards, {"embeddings_dir": str(args.embeddings)})
+    return _print({k: manifest[k] for k in ("index_version", "model_version", "count")})
+
+
+def _build_index_cli(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    vdir = build_index(args.embeddings, args.index_root, IndexParams.load(args.params),
+                       args.version)
+    return _print({"index_version": vdir.name, "path": str(vdir)})
+
+
+def _canary_cli(args) -> int:
+    params = IndexParams.load(args.params)
+    verdict = canary(args.index_root, args.version, args.world, params.canary,
+                     expected_model_version=args.expect_model)
+    _print(asdict(verdict))
+    if not verdict.passed:
+        print(f"loupe canary: {args.version} FAILED: " + "; ".join(verdict.reasons),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _compact_cli(args) -> int:
+    params = IndexParams.load(args.params)
+    vdir = compact(args.index_root, params)
+    verdict = canary(args.index_root, vdir.name, args.world, params.canary)
+    out = {"index_version": vdir.name, "canary": asdict(verdict)}
+    if not verdict.passed:
+        _print(out)
+        print(f"loupe compact: {vdir.name} failed its canary, not cut over", file=sys.stderr)
+        return 1
+    if not args.no_cutover:
+        out["cutover"] = cutover(args.index_root, vdir.name)
+        out["delta_rows_pruned"] = prune_delta(args.index_root)
+    return _print(out)
