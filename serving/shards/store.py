@@ -313,7 +313,8 @@ class ShardStore:
             if target is None:
                 raise FileNotFoundError(f"{self.index_root}/{layout.CURRENT} is not set: "
                                         "no index version has been cut over yet")
-            self._swap_to(target, strict=True)
+            if self._live is None or self._live.version != target:  # idempotent
+                self._swap_to(target, strict=True)
             self._tail_delta()
 
     def refresh(self) -> None:
@@ -394,8 +395,11 @@ class ShardStore:
 
     # ---------------------------------------------------------------- background loop
     def start(self) -> ShardStore:
-        """Load the live version, then follow pointer and delta every `poll_s` seconds."""
+        """Load the live version (unless loaded), then follow pointer and delta every
+        `poll_s` seconds."""
         self.load()
+        if self._thread is not None and self._thread.is_alive():
+            return self
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name=f"shard-{self.shard_id}-watch",
                                         daemon=True)

@@ -75,6 +75,9 @@ def test_store_serves_its_shard_of_the_live_version(two_versions, catalog, vecto
                    for h in result.hits)
     with pytest.raises(ValueError, match="query vectors must be"):
         stores[0].search(query[:10], 5)
+    stores[0].start().start()  # a server may load() and then start(): one load, one watcher
+    assert stores[0].swaps == 1 and stores[0].status()["warm_versions"] == []
+    stores[0].stop()
 
 
 def test_cutover_under_concurrent_queries_has_no_failed_or_mixed_answers(two_versions,
