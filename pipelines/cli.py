@@ -10,7 +10,8 @@ import argparse
 import importlib
 import sys
 
-STAGES = ("world", "validate", "harvest", "demo", "registry", "embed", "index", "ingest")
+STAGES = ("world", "validate", "harvest", "demo", "registry", "embed", "index", "ingest",
+          "train_detector")
 
 
 def build_parser() -> argparse.ArgumentParser:
