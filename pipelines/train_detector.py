@@ -70,18 +70,20 @@ class DetectorTrainConfig:
     serve_score_threshold: float = 0.3
     nms_iou: float = 0.5
     max_detections: int = 20
+    val_every_n_epochs: int = 1  # validation + checkpoint cadence
     num_threads: int = 2
     latency_runs: int = 100
     grid_scenes: int = 8
     seed: int = 0
-    tracking_uri: str | None = "sqlite:///mlflow.db"  # None: no MLflow run
+    log_mlflow: bool = True
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else the repo's sqlite db
     experiment: str = "loupe-detector"
-    artifact_location: str | None = None  # new experiments only; None: MLflow's default
 
     def __post_init__(self) -> None:
         if self.eval_split not in SPLITS:
             raise ValueError(f"eval_split must be one of {SPLITS}, got {self.eval_split!r}")
-        for name in ("epochs", "batch_size", "num_threads", "latency_runs", "max_detections"):
+        for name in ("epochs", "batch_size", "num_threads", "latency_runs", "max_detections",
+                     "val_every_n_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.train_scenes is not None and self.train_scenes < 1:
@@ -316,6 +318,7 @@ def fit_detector(model: CenterNetDetector, train: SceneSet, val: SceneSet,
     trainer = pl.Trainer(max_epochs=cfg.epochs, accelerator="cpu", devices=1, logger=logger,
                          callbacks=[checkpoint], enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0,
+                         check_val_every_n_epoch=cfg.val_every_n_epochs,
                          log_every_n_steps=1, deterministic=False)
     trainer.fit(module, train_dataloaders=loader,
                 ckpt_path=str(resume_from) if resume_from is not None else None)
@@ -581,18 +584,25 @@ def _above(det: Detections, threshold: float) -> Detections:
 
 
 def _mlflow_logger(cfg: DetectorTrainConfig):
-    if cfg.tracking_uri is None:
+    """Lightning's MLflow logger on the registry's store (artifacts in mlruns/ beside it)."""
+    if not cfg.log_mlflow:
         return False
     from pytorch_lightning.loggers import MLFlowLogger
 
-    logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=cfg.tracking_uri,
-                          artifact_location=cfg.artifact_location, run_name="train-detector")
+    from pipelines.registry import artifact_root, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri,
+                          artifact_location=artifact_root(uri), run_name="train-detector")
     logger.log_hyperparams(asdict(cfg))
     return logger
 
 
 def _log_run_outputs(logger, metrics: dict, out_dir: Path) -> None:
-    """Final test metrics (overall and per category) and the files a reviewer wants."""
+    """Final held-out metrics (overall and per category), the report files, and the exported
+    detector under `model/`, where the registry looks for a version's files."""
+    from pipelines.registry import MODEL_ARTIFACT_DIR
+
     client, run_id = logger.experiment, logger.run_id
     flat = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
     for prefix in ("ap50", "ap50_95"):
@@ -602,37 +612,45 @@ def _log_run_outputs(logger, metrics: dict, out_dir: Path) -> None:
                           float(value))
     client.log_artifact(run_id, str(out_dir / METRICS_FILE))
     client.log_artifact(run_id, str(out_dir / PREDICTIONS_PNG))
-    client.log_artifact(run_id, str(out_dir / EXPORT_DIR / ONNX_FILE), "detector")
-    client.log_artifact(run_id, str(out_dir / EXPORT_DIR / SPEC_FILE), "detector")
+    for name in (ONNX_FILE, SPEC_FILE):
+        client.log_artifact(run_id, str(out_dir / EXPORT_DIR / name), MODEL_ARTIFACT_DIR)
     client.set_terminated(run_id)
 
 
-def register_detector(tracking_uri: str, run_id: str, model_version: str,
-                      name: str = "loupe-detector") -> str:
-    """Register a run's exported detector (ONNX + spec) in the MLflow registry.
+def register_detector(run_id: str, tracking_uri: str | None = None,
+                      name: str = "loupe-detector"):
+    """Register a run's exported detector as a version of `name`, the embedder's scheme.
 
-    `model_version` is Loupe's own version string (the scheme the embedder uses); it is
-    stored as the `loupe_model_version` tag so serving can refuse to mix versions. Returns
-    the registry's version number.
+    Same scheme as `pipelines.registry.register_model_version`: the version's files are the
+    run's `model/` artifacts and its model_version string is `loupe-detector/N` (tagged on the
+    version and the run), so `registry.download_model` fetches it. Aliases and any promotion
+    gate on mAP are the lead's call and not set here. Returns the ModelVersionRef.
     """
-    import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
-    if not model_version:
-        raise ValueError("model_version must be a non-empty string")
-    client = MlflowClient(tracking_uri)
+    from pipelines.registry import MODEL_ARTIFACT_DIR, ModelVersionRef, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = client.get_run(run_id)
-    artifacts = {a.path for a in client.list_artifacts(run_id, "detector")}
-    if f"detector/{ONNX_FILE}" not in artifacts:
-        raise FileNotFoundError(f"run {run_id} has no detector/{ONNX_FILE} artifact")
+    files = {a.path for a in client.list_artifacts(run_id, MODEL_ARTIFACT_DIR)}
+    if f"{MODEL_ARTIFACT_DIR}/{ONNX_FILE}" not in files:
+        raise ValueError(f"run {run_id} has no {MODEL_ARTIFACT_DIR}/{ONNX_FILE}; "
+                         "nothing to register")
     try:
-        client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name)
-    version = client.create_model_version(
-        name, source=f"{run.info.artifact_uri}/detector", run_id=run_id,
-        tags={"loupe_model_version": model_version, "format": "onnx"})
-    return str(version.version)
+        client.create_registered_model(name, description=(
+            "Loupe scene detector (CenterNet on EfficientNet-Lite0, ONNX + decode spec)"))
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    map50 = run.data.metrics.get("test_map50", float("nan"))
+    mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT_DIR}",
+                                     run_id=run_id, tags={"test_map50": repr(map50)})
+    ref = ModelVersionRef(name, str(mv.version))
+    client.set_model_version_tag(ref.name, ref.version, "model_version", ref.model_version)
+    client.set_tag(run_id, "model_version", ref.model_version)
+    return ref
 
 
 def write_report(result: DetectorTrainResult, reports_dir: Path) -> dict:
