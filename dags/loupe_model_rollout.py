@@ -1,0 +1,142 @@
+"""Model rollout: re-embed the catalog with one model version (one mapped task per catalog
+partition), build the index shards in parallel (one mapped task per shard, capped by the
+pool `loupe_shard_builds`), canary the new version, cut it over atomically and smoke-query
+what is live.
+
+Triggered by hand (params: `model` = alias, registered version or `attributes/<seed>`;
+`n_shards`; `dry_run` builds and canaries but leaves live traffic alone) or by the champion
+asset a promoting `loupe_monthly_retrain` emits. A failing canary fails the run before the
+cutover, so the previous version stays live; `loupe_rollback` flips back after a cutover.
+
+Configuration only: task bodies live in `pipelines/orchestration.py`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Asset, Param, dag, get_current_context, task
+
+from pipelines.orchestration import (
+    CHAMPION_ASSET_URI,
+    SHARD_BUILD_POOL,
+    config_params,
+    default_args,
+)
+
+CHAMPION = Asset(CHAMPION_ASSET_URI)
+
+
+@dag(
+    dag_id="loupe_model_rollout",
+    schedule=[CHAMPION],
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_args(),
+    params={
+        **config_params(),
+        "model": Param("champion", type="string", description=(
+            "alias (champion, challenger), registered version (loupe-embedder/3) or "
+            "attributes/<seed> (model-free vectors, benchmarks)")),
+        "n_shards": Param(None, type=["null", "integer"], minimum=1,
+                          description="shard count (default: params.yaml index.n_shards)"),
+        "dry_run": Param(False, type="boolean",
+                         description="build and canary only; live traffic untouched"),
+    },
+    tags=["loupe", "index", "serving"],
+    doc_md=__doc__,
+)
+def loupe_model_rollout():
+    @task(execution_timeout=timedelta(minutes=2))
+    def configure(params=None) -> dict:
+        from pipelines.orchestration import configure_run
+
+        return configure_run(params)
+
+    @task(execution_timeout=timedelta(minutes=5))
+    def resolve_model(config: dict, params=None, triggering_asset_events=None) -> str:
+        from pipelines.orchestration import LoupeConfig, resolve_model
+
+        events = triggering_asset_events.get(CHAMPION, []) if triggering_asset_events else []
+        promoted = events[-1].extra.get("model_version") if events else None
+        return resolve_model(params["model"], LoupeConfig(**config).mlflow_tracking_uri,
+                             promoted)
+
+    @task(execution_timeout=timedelta(minutes=5))
+    def plan(config: dict, model_version: str, params=None, dag_run=None) -> dict:
+        from pipelines.orchestration import for_run, plan_rollout
+
+        return plan_rollout(*for_run(config, dag_run), model_version, dag_run.run_after,
+                            params["n_shards"])
+
+    @task
+    def list_partitions(plan: dict) -> list[int]:
+        return plan["partitions"]
+
+    @task
+    def list_shards(plan: dict) -> list[int]:
+        return plan["shards"]
+
+    @task(execution_timeout=timedelta(hours=3), max_active_tis_per_dagrun=4,
+          map_index_template="partition {{ partition }}")
+    def embed_partition(config: dict, plan: dict, partition: int) -> dict:
+        from pipelines.orchestration import LoupeConfig, embed_partition
+
+        get_current_context()["partition"] = partition
+        return embed_partition(LoupeConfig(**config), plan["model_version"],
+                               plan["embeddings_dir"], partition)
+
+    @task(pool=SHARD_BUILD_POOL, execution_timeout=timedelta(hours=2),
+          map_index_template="shard {{ shard }}")
+    def build_shard(config: dict, plan: dict, shard: int) -> dict:
+        from pipelines.orchestration import LoupeConfig, build_shard_once
+
+        get_current_context()["shard"] = shard
+        return build_shard_once(LoupeConfig(**config), plan["embeddings_dir"],
+                                plan["version_dir"], shard, plan["n_shards"])
+
+    @task(execution_timeout=timedelta(minutes=30))
+    def finalize_index(plan: dict, dag_run=None) -> dict:
+        from pipelines.orchestration import finalize_index_once
+
+        return finalize_index_once(plan["version_dir"], plan["n_shards"], {
+            "embeddings_dir": plan["embeddings_dir"], "dag_run": dag_run.run_id})
+
+    @task(execution_timeout=timedelta(minutes=30))
+    def canary(config: dict, plan: dict) -> dict:
+        from pipelines.orchestration import LoupeConfig, run_canary
+
+        return run_canary(LoupeConfig(**config), plan["index_version"], plan["model_version"])
+
+    @task(execution_timeout=timedelta(minutes=5))
+    def cutover(config: dict, plan: dict, params=None) -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from pipelines.orchestration import LoupeConfig, cutover_once
+
+        if params["dry_run"]:
+            raise AirflowSkipException(f"dry run: {plan['index_version']} is built and passed "
+                                       "its canary; live traffic untouched")
+        return cutover_once(LoupeConfig(**config), plan["index_version"])
+
+    @task(execution_timeout=timedelta(minutes=10))
+    def smoke_query(config: dict, plan: dict) -> dict:
+        from pipelines.orchestration import LoupeConfig, smoke_query
+
+        return smoke_query(LoupeConfig(**config), plan["index_version"])
+
+    config = configure()
+    rollout = plan(config, resolve_model(config))
+    embedded = embed_partition.partial(config=config, plan=rollout).expand(
+        partition=list_partitions(rollout))
+    built = build_shard.partial(config=config, plan=rollout).expand(
+        shard=list_shards(rollout))
+    embedded >> built
+    verdict = canary(config, rollout)
+    built >> finalize_index(rollout) >> verdict
+    verdict >> cutover(config, rollout) >> smoke_query(config, rollout)
+
+
+loupe_model_rollout()

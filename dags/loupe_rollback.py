@@ -1,0 +1,52 @@
+"""Rollback (manual): point the live index back at the previous version in one step, then
+smoke-query it. The previous version's shards and Triton model stay loaded and warm for a
+while after a cutover, so serving flips without a reload.
+
+Configuration only: task bodies live in `pipelines/orchestration.py`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import dag, task
+
+from pipelines.orchestration import config_params, default_args
+
+
+@dag(
+    dag_id="loupe_rollback",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_args(retries=0),
+    params=config_params(),
+    tags=["loupe", "index", "serving"],
+    doc_md=__doc__,
+)
+def loupe_rollback():
+    @task(execution_timeout=timedelta(minutes=2))
+    def configure(params=None) -> dict:
+        from pipelines.orchestration import configure_run
+
+        return configure_run(params)
+
+    @task(execution_timeout=timedelta(minutes=5))
+    def rollback(config: dict) -> dict:
+        from pipelines.orchestration import LoupeConfig, rollback_live
+
+        return rollback_live(LoupeConfig(**config))
+
+    @task(execution_timeout=timedelta(minutes=10))
+    def smoke_query(config: dict, moved: dict) -> dict:
+        from pipelines.orchestration import LoupeConfig, smoke_query
+
+        return smoke_query(LoupeConfig(**config), moved["to"])
+
+    config = configure()
+    smoke_query(config, rollback(config))
+
+
+loupe_rollback()
