@@ -429,3 +429,33 @@ def test_config_resolution_order(tmp_path):
         == Path("/mnt/r/airflow/d") / slug("manual__2026-01-01T00:00:00+00:00")
     with pytest.raises(ValueError, match="not database-backed"):
         resolve_config({"mlflow_tracking_uri": "file:///tmp/mlruns"}, {}, env)
+
+
+def test_rollout_model_spec_resolves_aliases_versions_and_the_promoted_one(tmp_path):
+    from pipelines import registry as reg
+    from pipelines.orchestration import resolve_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(ValueError, match="no version of 'loupe-embedder' has the alias"):
+        resolve_model("champion", uri)
+    cfg = reg.RegistryConfig(uri)
+    for recall in (0.5, 0.6):
+        model = tmp_path / f"embedder-{recall}.ts"
+        model.write_bytes(b"exported model bytes")
+        run = reg.log_run(cfg, run_name=f"r{recall}", params={}, metrics={reg.HEADLINE: recall},
+                          artifacts={}, model_files=[model])
+        ref = reg.register_model_version(cfg, run, recall, "fp")
+        if recall == 0.5:
+            reg.promotion_gate(cfg, ref)
+    assert resolve_model("champion", uri) == "loupe-embedder/1"
+    assert resolve_model("challenger", uri) == "loupe-embedder/2"
+    assert resolve_model("champion", uri, promoted_version="loupe-embedder/2") == \
+        "loupe-embedder/2"
+    assert resolve_model(" loupe-embedder/1 ", uri) == "loupe-embedder/1"
+    assert resolve_model("attributes/7", uri) == "attributes/7"
+    with pytest.raises(ValueError, match="not registered"):
+        resolve_model("loupe-embedder/9", uri)
+    with pytest.raises(ValueError, match="attributes/<seed>"):
+        resolve_model("attributes/x", uri)
+    with pytest.raises(ValueError, match="must look like"):
+        resolve_model("latest", uri)
