@@ -136,17 +136,15 @@ class _DeltaView:
     selector: faiss.IDSelector | None
     bitmap: np.ndarray | None  # owns the selector's memory
     n_masked: int
-
-    @property
-    def n_live(self) -> int:
-        return int(self.alive.sum())
+    n_live: int
 
 
 class _DeltaState:
     """Writer-side delta of one loaded version; publishes `_DeltaView` snapshots.
 
     Rows are appended to a growable buffer; a query's view covers only rows published before
-    it, and growing allocates a new buffer, so the writer never touches what a query reads.
+    it, and growing or compacting allocates new arrays, so the writer never touches what a
+    query reads.
     """
 
     def __init__(self, base: ShardIndex, n_shards: int, model_version: str, dim: int):
@@ -189,14 +187,31 @@ class _DeltaState:
         self.row_of[item_id] = self.count
         self.count += 1
 
+    def _compact(self) -> None:
+        """Drop dead rows (superseded or deleted delta items) into fresh arrays."""
+        keep = np.flatnonzero(self.alive[: self.count])
+        cap = max(16, 2 * len(keep))
+        buffer = np.zeros((cap, self.buffer.shape[1]), np.float32)
+        buffer[: len(keep)] = self.buffer[keep]
+        ids = np.empty(cap, dtype=object)
+        ids[: len(keep)] = self.ids[keep]
+        alive = np.zeros(cap, bool)
+        alive[: len(keep)] = True
+        self.buffer, self.ids, self.alive, self.count = buffer, ids, alive, len(keep)
+        self.row_of = {item: row for row, item in enumerate(ids[: len(keep)])}
+
     def publish(self) -> _DeltaView:
+        dead = self.count - len(self.row_of)
+        if dead > max(64, self.count // 4):  # queries over-fetch dead rows: keep them few
+            self._compact()
         n_masked = int(self.base_masked.sum())
         selector = bitmap = None
         if n_masked:
             bitmap = np.packbits(~self.base_masked, bitorder="little")
             selector = faiss.IDSelectorBitmap(len(self.base_masked), faiss.swig_ptr(bitmap))
-        return _DeltaView(self.buffer[: self.count], self.ids[: self.count],
-                          self.alive[: self.count].copy(), selector, bitmap, n_masked)
+        alive = self.alive[: self.count].copy()
+        return _DeltaView(self.buffer[: self.count], self.ids[: self.count], alive, selector,
+                          bitmap, n_masked, int(alive.sum()))
 
 
 # --------------------------------------------------------------------------- served version
@@ -223,17 +238,18 @@ class _Served:
         view = self.view  # read once: the whole answer comes from one snapshot
         base_scores, labels = self.base.search(queries, k, view.selector)
         out = []
-        delta_scores = None
-        if len(view.matrix):
-            delta_scores = queries @ view.matrix.T
-            delta_scores[:, ~view.alive] = -np.inf
+        delta_scores = delta_rows = None
+        if view.n_live:  # exact search over the small delta; dead rows are over-fetched
+            kk = min(len(view.matrix), k + len(view.matrix) - view.n_live)
+            delta_scores, delta_rows = faiss.knn(queries, view.matrix, kk,
+                                                 metric=faiss.METRIC_INNER_PRODUCT)
         for q in range(len(queries)):
             cands = [(float(s), self.base.ids[lab]) for s, lab in
                      zip(base_scores[q], labels[q], strict=True) if lab >= 0]
             if delta_scores is not None:
-                row = delta_scores[q]
-                top = np.argsort(-row, kind="stable")[:k]
-                cands += [(float(row[i]), view.ids[i]) for i in top if np.isfinite(row[i])]
+                cands += [(float(s), view.ids[r]) for s, r in
+                          zip(delta_scores[q], delta_rows[q], strict=True)
+                          if r >= 0 and view.alive[r]][:k]
             cands.sort(key=lambda c: -c[0])
             out.append([Hit(str(item), score) for score, item in cands[:k]])
         return out

@@ -172,6 +172,28 @@ def test_search_never_races_streaming_adds(live, tmp_path):
     assert store.status()["delta_items"] == len(in_shard0)
 
 
+def test_churned_delta_items_answer_with_their_latest_photo_only(live, tmp_path):
+    """Many updates of the same listings leave dead delta rows behind (compacted away):
+    every listing is found once, by its newest photo, and deletes stay deleted."""
+    feed = ChangeFeed(tmp_path / "feed.sqlite")
+    events = [FeedEvent("updated" if r else "new", f"new{i:05d}", f"images/new/{i}-{r}.jpg")
+              for r in range(12) for i in range(30)]
+    events += [FeedEvent("removed", f"new{i:05d}") for i in range(0, 30, 3)]
+    feed.append(events)
+    StreamingIndexer(feed, live, PathEmbedder(), MODEL, batch_size=7).run(until_caught_up=True)
+    stores = _stores(live)
+    for s in stores:
+        s.stop()
+    for i in range(30):
+        item = f"new{i:05d}"
+        latest = _search(stores, item, path_vector(f"images/new/{i}-11.jpg"))
+        older = _search(stores, item, path_vector(f"images/new/{i}-5.jpg"))
+        assert [h.item_id for h in latest].count(item) == (0 if i % 3 == 0 else 1)
+        assert latest[0].item_id == item or i % 3 == 0
+        assert all(h.score < 0.5 for h in older if h.item_id == item)
+    assert sum(s.status()["delta_items"] for s in stores) == 20
+
+
 def _expected_live(events: list[FeedEvent]) -> set[str]:
     state: dict[str, bool] = {}
     for e in events:
