@@ -459,3 +459,29 @@ def test_rollout_model_spec_resolves_aliases_versions_and_the_promoted_one(tmp_p
         resolve_model("attributes/x", uri)
     with pytest.raises(ValueError, match="must look like"):
         resolve_model("latest", uri)
+
+
+def test_airflow_run_cli_reports_per_task_times_and_creates_pools(tmp_path):
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    report = tmp_path / "dags.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    cmd = [sys.executable, "-m", "pipelines.cli", "airflow-run", "loupe_monitoring",
+           "--conf", json.dumps({"loupe_root": str(tmp_path)}),
+           "--airflow-home", str(tmp_path / "home"), "--report", str(report)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                          cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(report.read_text())["loupe_monitoring"]
+    assert summary["state"] == "success" and summary["wall_seconds"] > 0
+    assert summary["tasks"]["configure"]["state"] == "success"
+    assert summary["tasks"]["find_live"]["state"] == "skipped"  # nothing is live here
+    assert set(summary["tasks"]) == {"configure", "find_live", "replay_canary",
+                                     "embedding_drift", "index_age", "shard_latency",
+                                     "report_health"}
+    with sqlite3.connect(tmp_path / "home" / "airflow.db") as db:
+        assert db.execute("SELECT slots FROM slot_pool WHERE pool = 'loupe_shard_builds'"
+                          ).fetchall() == [(2,)]
