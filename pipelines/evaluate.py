@@ -516,3 +516,122 @@ def publish(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: P
     decision = registry.promotion_gate(registry_cfg, ref) if promote else None
     return Published(paths, run.run_id, ref.model_version,
                      None if decision is None else asdict(decision))
+
+
+# --------------------------------------------------------------------------- models + CLI
+def embed_fn_from_model(model, root: Path, batch_size: int = 64) -> EmbedFn:
+    """embed_fn over a torch embedder (eager or TorchScript), via the shared preprocessing
+    in `models.embedder.embed_images`; paths are relative to `root`."""
+    from models.embedder import embed_images
+
+    root = Path(root)
+
+    def embed(paths: Sequence[str], boxes: np.ndarray | None) -> np.ndarray:
+        return embed_images(model, root, list(paths), boxes, batch_size=batch_size)
+
+    return embed
+
+
+def embed_fn_from_export(path: Path, root: Path, batch_size: int = 64) -> EmbedFn:
+    """embed_fn over an exported TorchScript file: the artifact that is registered and served
+    is the one measured."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"exported model not found: {path}")
+    return embed_fn_from_model(torch.jit.load(str(path), map_location="cpu").eval(), root,
+                               batch_size)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Knobs of the evaluate stage (params.yaml `evaluate:`, all optional)."""
+
+    ks: tuple[int, ...] = KS
+    report_queries: int = 20
+    batch_size: int = 64
+    promotion_margin: float = 0.01
+
+    @classmethod
+    def load(cls, params: Path | None) -> EvaluateConfig:
+        from pipelines.params import load_section
+
+        block = load_section(params, "evaluate")
+        unknown = set(block) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown evaluate params: {sorted(unknown)}")
+        if "ks" in block:
+            block["ks"] = tuple(int(k) for k in block["ks"])
+        return cls(**block)
+
+
+def _labelled(spec: str) -> tuple[str, Path]:
+    label, sep, path = spec.partition("=")
+    if not sep or not label or not path:
+        raise ValueError(f"--baseline must be LABEL=PATH (e.g. {NAIVE}=naive.ts), got {spec!r}")
+    return label, Path(path)
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("evaluate", help="rater-set recall@K with baselines, MLflow run, "
+                                        "registered challenger version")
+    p.add_argument("--world", type=Path, required=True)
+    p.add_argument("--model", type=Path, required=True,
+                   help="candidate: exported TorchScript file (registered with --export files)")
+    p.add_argument("--baseline", action="append", default=[], metavar="LABEL=PATH",
+                   help=f"labelled TorchScript baseline, e.g. {FROZEN_BASELINE}=frozen.ts, "
+                        f"{NAIVE}=naive.ts (repeatable)")
+    p.add_argument("--export", type=Path, nargs="*", default=None,
+                   help="files to log and register (default: the --model file)")
+    p.add_argument("--engagement", type=Path, default=None,
+                   help="eval_engagement.parquet from harvest (secondary set)")
+    p.add_argument("--propensity-png", type=Path, default=None, help="harvest's plot to log")
+    p.add_argument("--out", type=Path, default=Path("reports/eval"), help="report directory")
+    p.add_argument("--metrics", type=Path, default=None, help="DVC metrics file (eval.json)")
+    p.add_argument("--train-seconds", type=float, default=None)
+    p.add_argument("--params", type=Path, default=None, help="params.yaml (evaluate: block)")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--promote", action="store_true", help="run the promotion gate afterwards")
+    p.add_argument("--no-mlflow", action="store_true", help="local reports only")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    from pipelines.registry import RegistryConfig
+
+    cfg = EvaluateConfig.load(args.params)
+    baselines = dict(_labelled(s) for s in args.baseline)
+    if CANDIDATE in baselines:
+        raise ValueError(f"'{CANDIDATE}' labels the candidate; pick another baseline label")
+    sets = [load_rater_set(args.world)]
+    if args.engagement is not None:
+        sets.append(load_engagement_set(args.engagement))
+    fns = {label: embed_fn_from_export(path, args.world, cfg.batch_size)
+           for label, path in {CANDIDATE: args.model, **baselines}.items()}
+    report = evaluate_models(fns, args.world, sets, CANDIDATE, cfg.ks)
+    out: dict = {"summary": report.summary()}
+    if args.no_mlflow:
+        out["paths"] = {k: str(v) for k, v in
+                        write_reports(report, sets, args.world, args.out,
+                                      cfg.report_queries).items()}
+    else:
+        reg_cfg = RegistryConfig(args.tracking_uri, promotion_margin=cfg.promotion_margin)
+        params = {f"eval.{k}": v for k, v in asdict(cfg).items()}
+        params.update({f"model_file.{label}": str(p) for label, p in
+                       {CANDIDATE: args.model, **baselines}.items()})
+        published = publish(report, sets, args.world, args.out, reg_cfg,
+                            args.export if args.export else [args.model], params,
+                            args.propensity_png, args.promote, cfg.report_queries)
+        out.update(run_id=published.run_id, model_version=published.model_version,
+                   decision=published.decision,
+                   paths={k: str(v) for k, v in published.paths.items()})
+    if args.metrics is not None:
+        metrics = eval_metrics_file(report, args.train_seconds)
+        args.metrics.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.metrics.with_name(args.metrics.name + ".tmp")
+        tmp.write_text(json.dumps(metrics, indent=1) + "\n")
+        tmp.replace(args.metrics)
+        out["metrics"] = metrics
+    print(json.dumps(out, indent=1, default=str))
+    return 0

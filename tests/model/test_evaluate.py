@@ -298,3 +298,21 @@ def test_publish_logs_metrics_artifacts_and_registers_the_model(tiny_world, trut
     assert out.decision["promoted"] and out.decision["challenger_recall"] == 1.0
     mv = client.get_model_version_by_alias("loupe-embedder", "champion")
     assert str(mv.version) == "1" and mv.tags["eval_fingerprint"] == report.fingerprint
+
+
+def test_evaluate_cli_rejects_bad_arguments_readably(tiny_world, tmp_path, capsys):
+    from pipelines import cli
+
+    base = ["evaluate", "--world", str(tiny_world), "--model", str(tmp_path / "absent.ts")]
+    assert cli.main([*base, "--baseline", "naive.ts"]) == 2
+    assert "--baseline must be LABEL=PATH" in capsys.readouterr().err
+    assert cli.main([*base, "--baseline", f"{ev.CANDIDATE}=x.ts"]) == 2
+    assert "labels the candidate" in capsys.readouterr().err
+    assert cli.main(base) == 2
+    assert "exported model not found" in capsys.readouterr().err
+    params = tmp_path / "params.yaml"
+    params.write_text("evaluate:\n  ks: [1, 10]\n  top_k: 3\n")
+    assert cli.main([*base, "--params", str(params)]) == 2
+    assert "unknown evaluate params: ['top_k']" in capsys.readouterr().err
+    params.write_text("evaluate:\n  ks: [1, 10]\n  promotion_margin: 0.05\n")
+    assert ev.EvaluateConfig.load(params) == ev.EvaluateConfig(ks=(1, 10), promotion_margin=0.05)
