@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -182,15 +182,9 @@ def build_shard_from_arrays(item_ids: np.ndarray, vectors: np.ndarray, model_ver
 def build_shard(embeddings_dir: Path, shard_id: int, n_shards: int, params: IndexParams,
                 out_dir: Path) -> dict:
     """Build one shard of the index version `out_dir` from a finished embedding run."""
-    if n_shards != params.n_shards:
-        params = IndexParams(**{**_own_fields(params), "n_shards": n_shards})
     emb = load_embeddings(embeddings_dir)
     return build_shard_from_arrays(emb.item_ids, emb.vectors, emb.model_version, shard_id,
-                                   params, out_dir)
-
-
-def _own_fields(params: IndexParams) -> dict:
-    return {f.name: getattr(params, f.name) for f in fields(params)}
+                                   replace(params, n_shards=n_shards), out_dir)
 
 
 def write_manifest(version_dir: Path, n_shards: int, source: dict, delta_seq: int = 0

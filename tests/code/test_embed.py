@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from pipelines import embed
 from pipelines.embed import (
@@ -231,3 +232,39 @@ def test_attribute_vectors_put_same_product_listings_closest(tiny_world):
     assert same_product.mean() > 0.95
     other = embed.attribute_vectors(catalog, seed=1)
     assert np.abs((vectors * other).sum(axis=1)).mean() < 0.2  # another "model": unrelated
+
+
+class BoxedDetector:
+    """Detector stand-in with the ExportedDetector interface: two fixed detections, the
+    off-centre one larger, so the salience rule (not "the biggest box") decides."""
+
+    def __init__(self):
+        self.seen = []
+
+    def detect(self, images):
+        from models.detector import Detections
+
+        self.seen += [im.size for im in images]
+        boxes = torch.tensor([[0.0, 0.0, 0.3, 0.6], [0.35, 0.35, 0.65, 0.65]])
+        return [Detections(boxes, torch.tensor([0.9, 0.9]), torch.tensor([0, 1]))
+                for _ in images]
+
+
+def test_catalog_photos_get_the_query_treatment(tiny_world):
+    """detect -> salient box -> crop+embed; a caller's box (a rater query's) skips detection."""
+    detector, calls = BoxedDetector(), []
+
+    def embed_images(model, root, paths, boxes):
+        calls.append((model, root, list(paths), np.asarray(boxes)))
+        return np.tile(np.eye(256, dtype=np.float32)[:1], (len(paths), 1))
+
+    fn = embed.detect_crop_embed_fn(tiny_world, detector, "the-model", embed_images)
+    paths = pd.read_parquet(tiny_world / "tables/catalog.parquet")["image_path"][:3].tolist()
+    assert fn(paths, None).shape == (3, 256)
+    model, root, got_paths, boxes = calls[-1]
+    assert (model, root, got_paths) == ("the-model", tiny_world, paths)
+    np.testing.assert_allclose(boxes, [[0.35, 0.35, 0.65, 0.65]] * 3)
+    assert detector.seen == [(128, 128)] * 3
+    fn(paths[:1], np.array([[0.1, 0.2, 0.3, 0.4]]))
+    assert len(detector.seen) == 3
+    np.testing.assert_allclose(calls[-1][3], [[0.1, 0.2, 0.3, 0.4]])
