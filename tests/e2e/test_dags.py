@@ -335,14 +335,14 @@ def test_ingest_lag_fails_loudly(dags, live, tiny_world, tmp_path):
     catalog = _catalog(tiny_world)
     feed = ChangeFeed(Path(cfg.change_feed))
     feed.append([FeedEvent("updated", r.item_id, r.image_path)
-                 for _ in range(15) for r in catalog.itertuples()])  # 3255 events
+                 for _ in range(100) for r in catalog.itertuples()])  # 21,700 events
     feed.close()
     dr = run(dags, "loupe_stream_ingest", root, tiny_world, params_file=str(slow),
              max_seconds=1, max_pending_events=100)
     assert dr.state == "failed"
     assert states(dr) == {"configure": "success", "ingest": "success", "check_lag": "failed"}
     got = xcom(dr, "ingest")
-    assert got["pending_events"] > 100 and got["checkpoint"] == got["events"] < 3255
+    assert got["pending_events"] > 100 and got["checkpoint"] == got["events"] < 21_700
     [alert] = alerts(cfg)
     assert alert["task_id"] == "check_lag" and "ingest lags" in alert["error"]
 
