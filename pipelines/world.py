@@ -572,7 +572,8 @@ def _generate_into(tmp: Path, size: WorldSize, seed: int, workers: int) -> dict:
                      .rename(columns={"_target_product": "target_product_id"}))
     impressions_df = impressions_df.drop(columns="_target_product")
 
-    scenes_df = pd.DataFrame({"scene_id": sorted({o["scene_id"] for o in scene_objects})})
+    scenes_df = pd.DataFrame({"scene_id": pd.Series(sorted({o["scene_id"] for o in scene_objects}),
+                                                 dtype=str)})
     scenes_df["image_path"] = "images/scenes/" + scenes_df["scene_id"] + ".jpg"
     scenes_df["width"] = SCENE_PX
     scenes_df["height"] = SCENE_PX
