@@ -42,6 +42,7 @@ class EmbedderSpec:
     backbone: str = "efficientnet-lite0"
     dim: int = 256
     tuned_blocks: int = 2  # trailing backbone blocks fine-tuned; earlier ones frozen + cached
+    tune_conv_head: bool = True  # train the backbone's 1x1 conv head (else cache pooled output)
     head: str = "mlp"  # mlp (trained) | random (fixed random projection: frozen baseline)
     hidden: int = 512
     pretrained: bool = True
@@ -56,6 +57,9 @@ class EmbedderSpec:
         if self.dim < 2 or self.tuned_blocks < 0:
             raise ValueError(f"need dim >= 2 and tuned_blocks >= 0, got {self.dim}, "
                              f"{self.tuned_blocks}")
+        if self.tuned_blocks and not self.tune_conv_head:
+            raise ValueError("tuned blocks under a frozen conv head cannot learn: set "
+                             "tune_conv_head or tuned_blocks=0")
 
 
 class TinyCNN(nn.Module):
@@ -94,8 +98,14 @@ class Embedder(nn.Module):
                 raise ValueError(f"{spec.backbone} has {n} blocks; tuned_blocks="
                                  f"{spec.tuned_blocks}")
             cut = n - spec.tuned_blocks
-            self.frozen = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6(), *net._blocks[:cut])
-            self.tuned = nn.Sequential(*net._blocks[cut:], net._conv_head, net._bn1, nn.ReLU6())
+            conv_head = [net._conv_head, net._bn1, nn.ReLU6()]
+            frozen = [net._conv_stem, net._bn0, nn.ReLU6(), *net._blocks[:cut]]
+            if spec.tune_conv_head:
+                self.tuned = nn.Sequential(*net._blocks[cut:], *conv_head)
+            else:  # head-only training caches the pooled 1280-d vector
+                frozen += [*conv_head, nn.AdaptiveAvgPool2d(1)]
+                self.tuned = nn.Identity()
+            self.frozen = nn.Sequential(*frozen)
             channels = net._conv_head.out_channels
             for p in self.frozen.parameters():
                 p.requires_grad_(False)
@@ -111,6 +121,7 @@ class Embedder(nn.Module):
             proj = torch.randn(channels, spec.dim, generator=gen) / spec.dim ** 0.5
             self.register_buffer("projection", proj)
             self.head = None
+        self.train()  # frozen parts start (and stay) in eval mode
 
     def train(self, mode: bool = True) -> Embedder:
         """The frozen trunk keeps its ImageNet batch-norm statistics while the rest trains."""
@@ -139,7 +150,7 @@ def frozen_baseline(spec: EmbedderSpec | None = None) -> Embedder:
     (Johnson-Lindenstrauss: cosines survive): the seed's first milestone."""
     base = spec or EmbedderSpec()
     return Embedder(EmbedderSpec(backbone=base.backbone, dim=base.dim, tuned_blocks=0,
-                                 head="random", pretrained=base.pretrained,
+                                 tune_conv_head=False, head="random", pretrained=base.pretrained,
                                  weights=base.weights, seed=base.seed)).eval()
 
 

@@ -78,10 +78,10 @@ def square_crop_box(box: Sequence[float], width: int, height: int,
     x0, y0, x1, y1 = check_box(box)
     cx, cy = (x0 + x1) / 2 * width, (y0 + y1) / 2 * height
     side = max((x1 - x0) * width, (y1 - y0) * height) * (1 + 2 * margin)
-    side = max(2.0, min(side, float(max(width, height))))
-    left = min(max(cx - side / 2, 0.0), max(width - side, 0.0))
-    top = min(max(cy - side / 2, 0.0), max(height - side, 0.0))
-    return (int(round(left)), int(round(top)), int(round(left + side)), int(round(top + side)))
+    side = int(round(max(2.0, min(side, float(max(width, height))))))
+    left = int(round(min(max(cx - side / 2, 0.0), max(width - side, 0.0))))
+    top = int(round(min(max(cy - side / 2, 0.0), max(height - side, 0.0))))
+    return left, top, left + side, top + side
 
 
 def crop_to_box(image: Image.Image, box: Sequence[float] | None = None,

@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,6 +51,7 @@ class TrainConfig:
     backbone: str = "efficientnet-lite0"
     weights: str | None = None  # local backbone weights (other backbones)
     tuned_blocks: int = 2
+    tune_conv_head: bool = True
     dim: int = 256
     hidden: int = 512
     views: int = 3  # cached views per image: plain + augmented
@@ -82,7 +83,7 @@ class TrainConfig:
 
     def spec(self) -> EmbedderSpec:
         return EmbedderSpec(backbone=self.backbone, dim=self.dim, tuned_blocks=self.tuned_blocks,
-                            hidden=self.hidden, weights=self.weights, seed=self.seed)
+                            tune_conv_head=self.tune_conv_head, hidden=self.hidden, weights=self.weights, seed=self.seed)
 
 
 # --------------------------------------------------------------------------- data
@@ -259,21 +260,19 @@ class _Frozen(nn.Module):
 
 # --------------------------------------------------------------------------- Lightning
 class EpochBatches(torch.utils.data.Sampler):
-    """Batches of (pair, query view, positive view) rows, shuffled by
-    (seed, epoch): Lightning calls `set_epoch`, so a resumed run replays the same order."""
+    """Batches of (pair, query view, positive view) rows, shuffled by (seed, epoch) with the
+    epoch read from the trainer when iteration starts, so a resumed run replays the order."""
 
-    def __init__(self, n_pairs: int, batch_size: int, views: int, seed: int) -> None:
+    def __init__(self, n_pairs: int, batch_size: int, views: int, seed: int,
+                 epoch: Callable[[], int]) -> None:
         self.n, self.batch_size, self.views, self.seed, self.epoch = (
-            n_pairs, min(batch_size, n_pairs), views, seed, 0)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+            n_pairs, min(batch_size, n_pairs), views, seed, epoch)
 
     def __len__(self) -> int:
         return self.n // self.batch_size  # drop the ragged tail: in-batch negatives need company
 
     def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
+        rng = np.random.default_rng([self.seed, self.epoch()])
         order = rng.permutation(self.n)
         qv, pv = rng.integers(0, self.views, (2, self.n))
         for b in range(len(self)):
@@ -365,7 +364,11 @@ class ContrastiveModule:
                 return loss
 
             def on_train_epoch_end(self) -> None:
-                self.log("val_recall_at_10", self.val_recall(), prog_bar=True)
+                recall = self.val_recall()
+                self.log("val_recall_at_10", recall, prog_bar=True)
+                loss = self.trainer.callback_metrics.get("train_loss")
+                log.info("epoch %d: train_loss %.4f, val_recall_at_10 %.4f", self.current_epoch,
+                         float("nan") if loss is None else float(loss), recall)
 
             @torch.no_grad()
             def val_recall(self) -> float:
@@ -378,15 +381,21 @@ class ContrastiveModule:
             def configure_optimizers(self):
                 backbone = [p for p in self.model.tuned.parameters() if p.requires_grad]
                 head = list(self.model.head.parameters())
-                return torch.optim.AdamW(
-                    [{"params": backbone, "lr": self.cfg.lr * self.cfg.backbone_lr_scale},
-                     {"params": head, "lr": self.cfg.lr}], weight_decay=self.cfg.weight_decay)
+                groups = [{"params": backbone, "lr": self.cfg.lr * self.cfg.backbone_lr_scale},
+                          {"params": head, "lr": self.cfg.lr}]
+                return torch.optim.AdamW([g for g in groups if g["params"]],
+                                         weight_decay=self.cfg.weight_decay)
+
+            def _sampling_epoch(self) -> int:
+                """overfit_batches must see the same batch every epoch."""
+                return 0 if self.trainer.overfit_batches else self.current_epoch
 
             def train_dataloader(self):
                 return torch.utils.data.DataLoader(
                     _Rows(len(self.pairs)),
                     batch_sampler=EpochBatches(len(self.pairs), self.cfg.batch_size,
-                                               self.cfg.views, self.cfg.seed),
+                                               self.cfg.views, self.cfg.seed,
+                                               self._sampling_epoch),
                     collate_fn=lambda rows: _as_pairs(rows, self.pairs))
 
         return _Module()
@@ -433,8 +442,13 @@ def train(world: Path, pairs_path: Path, out_dir: Path, cfg: TrainConfig | None 
     feats = cache.features(world, table.images)
     cache_s = time.perf_counter() - t0
     module = ContrastiveModule.build(model, table, feats, cfg)
+    # best by val recall, and the latest epoch for resume (Lightning's save_last only
+    # follows top-k saves, so "last" would lag behind an epoch that did not improve)
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_recall_at_10",
-                                 mode="max", save_last=True, save_on_train_epoch_end=True),
+                                 mode="max", save_on_train_epoch_end=True,
+                                 enable_version_counter=False),
+                 ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None,
+                                 save_on_train_epoch_end=True, enable_version_counter=False),
                  EarlyStopping(monitor="val_recall_at_10", mode="max", patience=cfg.patience,
                                check_on_train_epoch_end=True)]
     trainer = pl.Trainer(
@@ -476,7 +490,7 @@ def export_baseline(out_dir: Path, cfg: TrainConfig | None = None) -> Path:
 
 def add_cli(sub) -> None:
     p = sub.add_parser("train", help="contrastive embedder training on harvested pairs")
-    p.add_argument("--world", type=Path, required=True)
+    p.add_argument("--world", type=Path, help="world / data root (required to train)")
     p.add_argument("--pairs", type=Path, help="pairs_debiased.parquet or pairs_naive.parquet")
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--params", type=Path, default=None, help="params.yaml (train: block)")
@@ -493,8 +507,8 @@ def _cli(args) -> int:
     if args.frozen_baseline:
         print(export_baseline(args.out, cfg))
         return 0
-    if args.pairs is None:
-        raise ValueError("--pairs is required unless --frozen-baseline")
+    if args.pairs is None or args.world is None:
+        raise ValueError("--world and --pairs are required unless --frozen-baseline")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     result = train(args.world, args.pairs, args.out, cfg, args.cache, args.resume,
                    args.fast_dev_run)

@@ -23,3 +23,13 @@ def tiny_world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world") / "tiny"
     generate_world("tiny", 0, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_harvest(tiny_world, tmp_path_factory) -> Path:
+    """Harvest output for the tiny world (pairs_debiased/naive.parquet, ...); read-only."""
+    from pipelines.harvest import HarvestConfig, harvest
+
+    out = tmp_path_factory.mktemp("harvest") / "tiny"
+    return harvest(tiny_world, out, HarvestConfig(bootstrap=20),
+                   quarantine_dir=out.parent / "quarantine").out_dir

@@ -303,13 +303,13 @@ def test_publish_logs_metrics_artifacts_and_registers_the_model(tiny_world, trut
 def test_evaluate_cli_rejects_bad_arguments_readably(tiny_world, tmp_path, capsys):
     from pipelines import cli
 
-    base = ["evaluate", "--world", str(tiny_world), "--model", str(tmp_path / "absent.ts")]
+    base = ["evaluate", "--world", str(tiny_world), "--model", str(tmp_path / "absent")]
     assert cli.main([*base, "--baseline", "naive.ts"]) == 2
     assert "--baseline must be LABEL=PATH" in capsys.readouterr().err
     assert cli.main([*base, "--baseline", f"{ev.CANDIDATE}=x.ts"]) == 2
     assert "labels the candidate" in capsys.readouterr().err
     assert cli.main(base) == 2
-    assert "exported model not found" in capsys.readouterr().err
+    assert "exported embedder incomplete" in capsys.readouterr().err
     params = tmp_path / "params.yaml"
     params.write_text("evaluate:\n  ks: [1, 10]\n  top_k: 3\n")
     assert cli.main([*base, "--params", str(params)]) == 2
