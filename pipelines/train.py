@@ -83,7 +83,8 @@ class TrainConfig:
 
     def spec(self) -> EmbedderSpec:
         return EmbedderSpec(backbone=self.backbone, dim=self.dim, tuned_blocks=self.tuned_blocks,
-                            tune_conv_head=self.tune_conv_head, hidden=self.hidden, weights=self.weights, seed=self.seed)
+                            tune_conv_head=self.tune_conv_head, hidden=self.hidden,
+                            weights=self.weights, seed=self.seed)
 
 
 # --------------------------------------------------------------------------- data
