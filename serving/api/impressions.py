@@ -267,7 +267,7 @@ class ImpressionLog:
     def frame(self) -> pd.DataFrame:
         """One row per shown item with its grid context and clicked/saved from the events."""
         with self._lock:
-            return pd.read_sql_query(
+            frame = pd.read_sql_query(
                 """
                 SELECT s.request_id, s.position, s.item_id, s.score, s.team, r.user_id,
                        r.client_session_id, r.ts_us, r.query_image_path, r.x0, r.y0, r.x1,
@@ -280,6 +280,7 @@ class ImpressionLog:
                 FROM shown s JOIN requests r USING (request_id)
                 ORDER BY r.ts_us, s.request_id, s.position
                 """, self._db)
+        return frame.astype({"clicked": bool, "saved": bool})
 
 
 def impressions_frames(log: ImpressionLog) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -294,7 +295,7 @@ def impressions_frames(log: ImpressionLog) -> tuple[pd.DataFrame, pd.DataFrame]:
         "query_x0": f["x0"], "query_y0": f["y0"], "query_x1": f["x1"], "query_y1": f["y1"],
         "item_id": f["item_id"], "position": f["position"].astype("int64"),
         "logging_policy": f["logging_policy"], "ranker_score": f["score"].astype(float),
-        "clicked": f["clicked"].astype(bool), "saved": f["saved"].astype(bool),
+        "clicked": f["clicked"], "saved": f["saved"],
     })
     context = pd.DataFrame({
         "impression_id": impression_id, "request_id": f["request_id"],
