@@ -11,7 +11,8 @@ import importlib
 import sys
 
 STAGES = ("world", "validate", "harvest", "demo", "registry", "embed", "index", "ingest",
-          "train_detector", "orchestration", "train", "evaluate")
+          "train_detector", "orchestration", "train", "evaluate", "online_eval",
+          "simulate_traffic")
 
 
 def build_parser() -> argparse.ArgumentParser:
