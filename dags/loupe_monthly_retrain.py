@@ -13,9 +13,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import dag, task
+from airflow.sdk import Asset, dag, task
 
-from pipelines.orchestration import config_params, default_args
+from pipelines.orchestration import CHAMPION_ASSET_URI, config_params, default_args
+
+CHAMPION = Asset(CHAMPION_ASSET_URI)
 
 
 @dag(
@@ -48,8 +50,35 @@ def loupe_monthly_retrain():
 
         return harvest_pairs(*for_run(config, dag_run))
 
+    @task(execution_timeout=timedelta(minutes=60), pool="loupe_training")
+    def train_embedder(config: dict, harvest: dict, variant: str, dag_run=None) -> dict:
+        from pipelines.orchestration import for_run, train_embedder
+
+        return train_embedder(*for_run(config, dag_run), harvest["harvest_dir"], variant)
+
+    @task(execution_timeout=timedelta(minutes=60))
+    def evaluate_and_register(config: dict, models: list[dict], harvest: dict,
+                              dag_run=None) -> dict:
+        from pipelines.orchestration import evaluate_and_register, for_run
+
+        return evaluate_and_register(*for_run(config, dag_run), models, harvest)
+
+    @task(outlets=[CHAMPION])
+    def announce_champion(result: dict, outlet_events=None) -> str:
+        """Emits the champion asset (starting the rollout) only when the gate promoted."""
+        from airflow.exceptions import AirflowSkipException
+
+        if not result["promoted"]:
+            raise AirflowSkipException(f"not promoted: {result['decision']['reason']}")
+        outlet_events[CHAMPION].extra = {"model_version": result["model_version"]}
+        return result["model_version"]
+
     config = configure()
-    validate_logs(config) >> harvest_pairs(config)
+    harvest = harvest_pairs(config)
+    validate_logs(config) >> harvest
+    models = train_embedder.partial(config=config, harvest=harvest).expand(
+        variant=["debiased", "naive", "frozen"])
+    announce_champion(evaluate_and_register(config, models, harvest))
 
 
 loupe_monthly_retrain()

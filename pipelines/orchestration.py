@@ -22,8 +22,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -250,6 +251,64 @@ def harvest_pairs(cfg: LoupeConfig, run_dir: Path) -> dict:
             "pairs_by_split": {split: sum(n.values()) for split, n in result.counts.items()}}
 
 
+def train_embedder(cfg: LoupeConfig, run_dir: Path, harvest_dir: str, variant: str) -> dict:
+    """Train on the `debiased` or `naive` pairs (same rows, other weights), or export the
+    `frozen` pretrained baseline; returns the export directory and train.json metrics.
+    Variants share the frozen-feature cache of the run, so the second costs little."""
+    from pipelines.train import TrainConfig, export_baseline, train
+
+    tcfg = TrainConfig.load(Path(cfg.params_file), progress_bar=False)
+    out = Path(run_dir) / "models" / variant
+    if variant == "frozen":
+        return {"variant": variant, "export_dir": str(export_baseline(out, tcfg)),
+                "train_json": None}
+    if variant not in ("debiased", "naive"):
+        raise ValueError(f"unknown training variant {variant!r}")
+    resume = (out / "checkpoints" / "last.ckpt").exists()  # a retried task continues
+    result = train(cfg.world, Path(harvest_dir) / f"pairs_{variant}.parquet", out, tcfg,
+                   cache_dir=Path(run_dir) / "feature_cache", resume=resume)
+    return {"variant": variant, "export_dir": str(result.export_dir),
+            "train_json": str(out / "train.json"),
+            "train_seconds": result.metrics["train_seconds"]}
+
+
+def evaluate_and_register(cfg: LoupeConfig, run_dir: Path, models: Sequence[Mapping[str, Any]],
+                          harvest: Mapping[str, Any]) -> dict:
+    """Rater-set recall@K of the debiased candidate next to the frozen and naive baselines
+    (exact search), one MLflow run with the reports, a new `challenger` version, and the
+    promotion gate; returns the version and the gate's decision."""
+    from pipelines import evaluate as ev
+    from pipelines.registry import RegistryConfig
+
+    by_variant = {m["variant"]: m for m in models}
+    labels = {ev.CANDIDATE: "debiased", ev.FROZEN_BASELINE: "frozen", ev.NAIVE: "naive"}
+    missing = [v for v in labels.values() if v not in by_variant]
+    if missing:
+        raise ValueError(f"evaluation needs the {missing} models")
+    ecfg = ev.EvaluateConfig.load(Path(cfg.params_file))
+    sets = [ev.load_rater_set(cfg.world),
+            ev.load_engagement_set(Path(harvest["harvest_dir"]) / "eval_engagement.parquet")]
+    fns = {label: ev.embed_fn_from_export(Path(by_variant[v]["export_dir"]), cfg.world,
+                                          ecfg.batch_size) for label, v in labels.items()}
+    report = ev.evaluate_models(fns, cfg.world, sets, ev.CANDIDATE, ecfg.ks)
+    train_info = json.loads(Path(by_variant["debiased"]["train_json"]).read_text())
+    params = {f"train.{k}": v for k, v in train_info["config"].items()}
+    candidate_export = Path(by_variant["debiased"]["export_dir"])
+    published = ev.publish(
+        report, sets, cfg.world, Path(run_dir) / "reports" / "eval",
+        RegistryConfig(cfg.mlflow_tracking_uri, promotion_margin=ecfg.promotion_margin),
+        ev.export_files(candidate_export), params, Path(harvest["propensity_png"]),
+        promote=True, n_report_queries=ecfg.report_queries,
+        extra_metrics={"train_seconds": float(train_info["train_seconds"])})
+    metrics = ev.eval_metrics_file(report, train_info["train_seconds"])
+    _write_json(Path(run_dir) / "reports" / "eval.json", metrics)
+    return {"model_version": published.model_version, "run_id": published.run_id,
+            "promoted": bool(published.decision and published.decision["promoted"]),
+            "decision": published.decision, "eval_json": str(Path(run_dir) / "reports" /
+                                                            "eval.json"),
+            "report_html": str(published.paths["html"])}
+
+
 # --------------------------------------------------------------------------- models
 def is_attribute_model(model_version: str) -> bool:
     return model_version.startswith(ATTRIBUTE_MODEL_PREFIX)
@@ -300,9 +359,26 @@ def catalog_embed_fn(cfg: LoupeConfig, model_version: str):
     if is_attribute_model(model_version):
         return attribute_embed_fn(cfg.world, int(model_version.removeprefix(
             ATTRIBUTE_MODEL_PREFIX)))
-    raise ValueError(f"re-embedding with the registered model {model_version} needs the "
-                     "image embedder (models/embedder.py), which is not in this checkout yet; "
-                     "roll out an 'attributes/<seed>' model meanwhile")
+    return registered_embed_fn(cfg, model_version)
+
+
+def registered_embed_fn(cfg: LoupeConfig, model_version: str):
+    """Catalog photos through a registered embedder's exported graph (fetched from the
+    registry once per version into runs/models/), whole photo: a listing photo shows one
+    product, as in training and evaluation."""
+    from models.export import ExportedEmbedder
+    from pipelines.evaluate import embed_fn_from_model
+    from pipelines.registry import RegistryConfig, download_model
+
+    local = cfg.runs / "models" / slug(model_version)
+    if not (local / "embedder.json").is_file():
+        fetched = download_model(RegistryConfig(cfg.mlflow_tracking_uri), model_version,
+                                 local.with_name(local.name + ".download"))
+        if local.exists():
+            shutil.rmtree(local)
+        fetched.replace(local)
+        shutil.rmtree(local.with_name(local.name + ".download"), ignore_errors=True)
+    return embed_fn_from_model(ExportedEmbedder(local), cfg.world)
 
 
 # --------------------------------------------------------------------------- rollout

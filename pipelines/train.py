@@ -210,14 +210,28 @@ class FeatureCache:
     def features(self, world: Path, images: pd.DataFrame, chunk: int = 1024,
                  threads: int = 2) -> np.ndarray:
         """(n, views, C, h, w) float16 for the rows of `images` (key, path, x0..y1)."""
-        from concurrent.futures import ThreadPoolExecutor
+        import fcntl
 
         self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "w") as lock:  # one writer at a time (parallel tasks)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._compute_missing(world, images, chunk, threads)
+        have = self._index()
+        loaded = [np.load(c, mmap_mode="r") for c in self._chunks()]
+        return np.stack([loaded[i][j] for i, j in (have[k] for k in images["key"])])
+
+    def _index(self) -> dict[str, tuple[int, int]]:
         have: dict[str, tuple[int, int]] = {}
         for i, c in enumerate(self._chunks()):
             for j, key in enumerate(json.loads(c.with_suffix(".json").read_text())):
                 have[key] = (i, j)
-        todo = images[~images["key"].isin(have)]
+        return have
+
+    def _compute_missing(self, world: Path, images: pd.DataFrame, chunk: int, threads: int
+                         ) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = images[~images["key"].isin(self._index())]
         if len(todo):
             onnx = self.dir / "frozen.onnx"
             if not onnx.exists():
@@ -245,9 +259,6 @@ class FeatureCache:
                     name.with_suffix(".tmp.npy").replace(name.with_suffix(".npy"))
                     log.info("cached %d/%d crops x %d views (%.0f s)", start + len(part),
                              len(todo), self.views, time.perf_counter() - t0)
-            return self.features(world, images, chunk, threads)
-        loaded = [np.load(c, mmap_mode="r") for c in self._chunks()]
-        return np.stack([loaded[i][j] for i, j in (have[k] for k in images["key"])])
 
 
 class _Frozen(nn.Module):

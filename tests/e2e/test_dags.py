@@ -113,8 +113,9 @@ def pointers(cfg: LoupeConfig) -> tuple[str | None, str | None]:
 
 
 # --------------------------------------------------------------------------- retrain
-def test_retrain_validates_logs_and_writes_debiased_pairs(dags, tiny_world, tmp_path):
-    dr = run(dags, "loupe_monthly_retrain", tmp_path, tiny_world)
+def test_retrain_harvests_trains_evaluates_registers_and_promotes(dags, tiny_world, tmp_path):
+    dr = run(dags, "loupe_monthly_retrain", tmp_path, tiny_world,
+             params_file=str(params_file(tmp_path, train={"max_epochs": 3, "views": 2})))
     assert dr.state == "success", states(dr)
     cfg = config(tmp_path, tiny_world)
     run_dir = cfg.run_dir("loupe_monthly_retrain", dr.run_id)
@@ -130,6 +131,37 @@ def test_retrain_validates_logs_and_writes_debiased_pairs(dags, tiny_world, tmp_
     assert (run_dir / "reports" / "propensity.png").stat().st_size > 10_000
     assert list((run_dir / "data_docs").rglob("index.html"))
     assert not cfg.quarantine_dir.exists() and alerts(cfg) == []
+    # three models: trained on debiased and on naive pairs, and the frozen baseline
+    models = {m["variant"]: m for m in xcom(dr, "train_embedder")}
+    assert set(models) == {"debiased", "naive", "frozen"}
+    for m in models.values():
+        assert (Path(m["export_dir"]) / "embedder.onnx").is_file()
+    trained = json.loads(Path(models["debiased"]["train_json"]).read_text())
+    assert trained["epochs"] >= 1 and trained["config"]["views"] == 2
+    # evaluation: one MLflow run, a registered challenger, and (no champion yet) promotion
+    result = xcom(dr, "evaluate_and_register")
+    assert result["model_version"] == "loupe-embedder/1" and result["promoted"]
+    metrics = json.loads(Path(result["eval_json"]).read_text())
+    for key in ("recall_at_10", "baseline_recall_at_10", "naive_recall_at_10", "recall_at_k",
+                "train_seconds"):
+        assert key in metrics, key
+    assert 0.0 < metrics["baseline_recall_at_10"] <= 1.0
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg.mlflow_tracking_uri, cfg.mlflow_tracking_uri)
+    champion = client.get_model_version_by_alias("loupe-embedder", "champion")
+    run_data = client.get_run(champion.run_id).data
+    assert run_data.metrics["rater_recall_at_10"] == pytest.approx(metrics["recall_at_10"],
+                                                                 abs=1e-4)
+    assert run_data.metrics["train_seconds"] == metrics["train_seconds"]
+    assert xcom(dr, "announce_champion") == "loupe-embedder/1"
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        events = [e for e in session.query(AssetEvent).all()
+                  if e.source_run_id == dr.run_id]
+    assert [e.extra["model_version"] for e in events] == ["loupe-embedder/1"]
 
 
 def test_corrupted_impressions_stop_the_retrain_before_training(dags, tiny_world, tmp_path):
@@ -149,7 +181,10 @@ def test_corrupted_impressions_stop_the_retrain_before_training(dags, tiny_world
     dr = run(dags, "loupe_monthly_retrain", tmp_path, world)
     assert dr.state == "failed"
     assert states(dr) == {"configure": "success", "validate_logs": "failed",
-                          "harvest_pairs": "upstream_failed"}
+                          "harvest_pairs": "upstream_failed",
+                          "train_embedder": ["upstream_failed"] * 3,
+                          "evaluate_and_register": "upstream_failed",
+                          "announce_champion": "upstream_failed"}
     assert tries(dr, "validate_logs") == 1  # bad input is not retried
     cfg = config(tmp_path, world)
     assert not cfg.run_dir("loupe_monthly_retrain", dr.run_id).joinpath("harvest").exists()

@@ -12,12 +12,24 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.backbones import load_efficientnet_lite
-from models.embedder import (Embedder, EmbedderSpec, embed_images, frozen_baseline,
-                             load_embedder, save_embedder)
+from models.embedder import (
+    Embedder,
+    EmbedderSpec,
+    embed_images,
+    frozen_baseline,
+    load_embedder,
+    save_embedder,
+)
 from models.export import ExportedEmbedder, export_embedder
 from models.losses import weighted_info_nce
-from models.preprocessing import (EMBED_PX, BadImage, check_box, crop_to_box, decode_image,
-                                  square_crop_box)
+from models.preprocessing import (
+    EMBED_PX,
+    BadImage,
+    check_box,
+    crop_to_box,
+    decode_image,
+    square_crop_box,
+)
 
 TINY = EmbedderSpec(backbone="tiny_cnn", dim=32, hidden=64)
 
