@@ -23,7 +23,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -181,7 +181,7 @@ def drive_api(client: httpx.Client, world_root: Path, n_sessions: int, seed: int
 @dataclass(frozen=True)
 class StudyConfig:
     champion_noise: float = 0.25  # the world's logging ranker
-    challenger_noise: float = 0.6  # deliberately worse
+    challenger_noise: float = 0.3  # deliberately worse: 20 % more ranking noise
     max_sessions: int = 8000
     replications: int = 40
     power: float = 0.8
@@ -257,51 +257,80 @@ def _sessions_needed(significant: np.ndarray, points: np.ndarray, power: float) 
     return int(points[hit[0]]) if len(hit) else None
 
 
-def session_study(world_root: Path, cfg: StudyConfig) -> dict:
-    """Sessions each method needs to prefer the champion at p < alpha with `power`."""
-    t0 = time.perf_counter()
-    world = BehaviourWorld.load(world_root)
+def _power_study(world: BehaviourWorld, cfg: StudyConfig) -> dict:
+    """Replicate both experiments; power per checkpoint and the sessions each needs."""
     champion = TruthRanker(world, cfg.champion_noise, cfg.seed * 2 + 1)
     challenger = TruthRanker(world, cfg.challenger_noise, cfg.seed * 2 + 2)
     points = _checkpoints(cfg.max_sessions)
-    ab_sig, il_sig = [], []
+    ab_sig, il_sig, ab_wrong, il_wrong = [], [], [], []
     last: dict = {}
     for rep in range(cfg.replications):
         is_challenger, ab_clicks, il_winner = _one_replication(world, cfg, rep, champion,
                                                                challenger)
         p, right = _ab_p_values(is_challenger, ab_clicks, points)
         ab_sig.append((p < cfg.alpha) & right)
+        ab_wrong.append(bool(((p < cfg.alpha) & ~right)[-1]))
         p, right = _il_p_values(il_winner, points)
         il_sig.append((p < cfg.alpha) & right)
+        il_wrong.append(bool(((p < cfg.alpha) & ~right)[-1]))
         last = {"is_challenger": is_challenger, "clicks": ab_clicks, "winner": il_winner}
     ab_needed = _sessions_needed(np.array(ab_sig), points, cfg.power)
     il_needed = _sessions_needed(np.array(il_sig), points, cfg.power)
     example = _full_run_analysis(last, cfg)
-    # the significance counted is directional, so reaching it names the champion
-    winner = "champion" if ab_needed is not None and il_needed is not None else None
     return {
+        "challenger_noise_sigma": cfg.challenger_noise,
         "ab_sessions_needed": ab_needed, "interleaving_sessions_needed": il_needed,
-        "winner": winner,
         "ratio_ab_over_interleaving": (round(ab_needed / il_needed, 2)
                                        if ab_needed and il_needed else None),
+        "ctr_relative_diff_full_run": round(example["ab"]["tests"]["ctr"]["relative"], 4),
+        "interleaving_preference_full_run": round(
+            example["interleaving"]["preference_a"], 4),
+        "replications_preferring_challenger_significantly": {
+            "ab": int(sum(ab_wrong)), "interleaving": int(sum(il_wrong))},
+        "power_curve": {"sessions": points.tolist(),
+                        "ab": np.array(ab_sig).mean(axis=0).round(3).tolist(),
+                        "interleaving": np.array(il_sig).mean(axis=0).round(3).tolist()},
+        "example_full_run": example,
+    }
+
+
+def session_study(world_root: Path, cfg: StudyConfig,
+                  sensitivity_noises: tuple[float, ...] = ()) -> dict:
+    """Sessions each method needs to prefer the champion at p < alpha with `power`, for
+    the configured challenger and (smaller tables) for other challenger noise levels."""
+    t0 = time.perf_counter()
+    world = BehaviourWorld.load(world_root)
+    head = _power_study(world, cfg)
+    rows = []
+    for noise in sensitivity_noises:
+        row = _power_study(world, replace(cfg, challenger_noise=noise))
+        rows.append({k: v for k, v in row.items() if k not in ("power_curve",
+                                                                "example_full_run")})
+    example = head["example_full_run"]
+    return {
+        "ab_sessions_needed": head["ab_sessions_needed"],
+        "interleaving_sessions_needed": head["interleaving_sessions_needed"],
+        "winner": example["winner"],
+        "verdict_full_run": example["verdict"],
+        "ratio_ab_over_interleaving": head["ratio_ab_over_interleaving"],
         "definition": (f"smallest session count at which >= {cfg.power:.0%} of "
                        f"{cfg.replications} independent simulated experiments reach "
                        f"p < {cfg.alpha} in favour of the champion (A/B: sessions over both "
                        "arms, 50/50 user hash, CTR delta-method z-test; interleaving: "
-                       "team-draft grids, two-sided sign test)"),
+                       "team-draft grids, two-sided sign test); winner: the online-eval "
+                       "verdict on one full-size replication"),
         "rankers": ("truth-based rankers with controlled noise over the world's true "
                     "relevance (not the trained embedder): score = relevance + N(0, sigma^2) "
                     "within the wanted product's category"),
         "champion_noise_sigma": cfg.champion_noise,
-        "challenger_noise_sigma": cfg.challenger_noise,
         "users": "pipelines.world behaviour model: examination k^-0.7, clicks by "
                  "relevance x popularity, saves after clicks",
         "world": str(world_root), "study": asdict(cfg),
-        "sessions_per_replication_max": cfg.max_sessions,
-        "power_curve": {
-            "sessions": points.tolist(),
-            "ab": np.array(ab_sig).mean(axis=0).round(3).tolist(),
-            "interleaving": np.array(il_sig).mean(axis=0).round(3).tolist()},
+        **{k: head[k] for k in ("challenger_noise_sigma", "ctr_relative_diff_full_run",
+                                "interleaving_preference_full_run",
+                                "replications_preferring_challenger_significantly",
+                                "power_curve")},
+        "sensitivity": rows,
         "example_full_run": example,
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -340,6 +369,8 @@ def add_cli(sub) -> None:
     p.add_argument("--challenger-noise", type=float, default=StudyConfig.challenger_noise)
     p.add_argument("--max-sessions", type=int, default=StudyConfig.max_sessions)
     p.add_argument("--replications", type=int, default=StudyConfig.replications)
+    p.add_argument("--sensitivity", type=float, nargs="*", default=(), metavar="SIGMA",
+                   help="also report other challenger noise levels")
     p.set_defaults(func=_cli)
 
 
@@ -347,12 +378,12 @@ def _cli(args) -> int:
     if args.study is not None:
         cfg = StudyConfig(challenger_noise=args.challenger_noise, seed=args.seed,
                           max_sessions=args.max_sessions, replications=args.replications)
-        report = session_study(args.world, cfg)
+        report = session_study(args.world, cfg, tuple(args.sensitivity))
         args.study.parent.mkdir(parents=True, exist_ok=True)
         args.study.write_text(json.dumps(report, indent=1))
         print(json.dumps({k: report[k] for k in ("ab_sessions_needed",
                                                  "interleaving_sessions_needed", "winner")}))
-        print(report["example_full_run"]["verdict"])
+        print(report["verdict_full_run"])
         return 0
     if args.api is None:
         raise ValueError("give --api URL (live traffic) or --study REPORT_JSON")
