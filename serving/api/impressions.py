@@ -335,3 +335,49 @@ def export_impressions(log: ImpressionLog, out_dir: Path, catalog_path: Path,
     os.replace(staged, paths["impressions"])
     os.replace(context_staged, paths["impression_context"])
     return paths
+
+
+def publish_to_data_root(log: ImpressionLog, data_root: Path,
+                         quarantine_dir: Path | None = None) -> dict[str, int]:
+    """Merge the served grids into `data_root/tables/impressions.parquet`, where the
+    harvester reads them next to the older logs; this closes the training loop.
+
+    Idempotent: served rows (found by impression id) are replaced by their current state
+    in the log, so clicks that arrived since the last publication are picked up. Query
+    photos are copied to `data_root` first; the merged table must pass the impressions
+    contract before it replaces the old one.
+    """
+    from pipelines.validate import validate_table
+
+    data_root = Path(data_root)
+    tables = data_root / "tables"
+    target = tables / "impressions.parquet"
+    served, context = impressions_frames(log)
+    if served.empty:
+        raise ValueError(f"the impression log in {log.root} holds no grids yet")
+    history = (pd.read_parquet(target) if target.exists()
+               else schemas.IMPRESSIONS.empty_table().to_pandas())
+    kept = history[~history["impression_id"].isin(served["impression_id"])]
+    for rel in served["query_image_path"].unique():
+        if not (data_root / rel).exists():
+            _write_durably(data_root / rel, (log.root / rel).read_bytes())
+    merged = pd.concat([kept, served], ignore_index=True)
+    staged = tables / f".impressions.{os.getpid()}.parquet"
+    pq.write_table(pa.Table.from_pandas(merged, schema=schemas.IMPRESSIONS,
+                                        preserve_index=False), staged)
+    try:
+        validate_table("impressions", staged, quarantine_dir=quarantine_dir, docs_dir=None,
+                       catalog_path=tables / "catalog.parquet")
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    context_path = tables / "impression_context.parquet"
+    old_context = (pd.read_parquet(context_path) if context_path.exists()
+                   else pd.DataFrame(columns=CONTEXT_COLUMNS))
+    context = pd.concat([old_context[~old_context["impression_id"].isin(
+        context["impression_id"])], context[CONTEXT_COLUMNS]], ignore_index=True)
+    context_staged = tables / f".impression_context.{os.getpid()}.parquet"
+    context.to_parquet(context_staged, index=False)
+    os.replace(staged, target)
+    os.replace(context_staged, context_path)
+    return {"history_rows": len(kept), "served_rows": len(served), "rows": len(merged)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, datetime, timedelta
 
 import pandas as pd
@@ -113,3 +114,20 @@ def test_export_refuses_items_unknown_to_the_catalog(tmp_path, tiny_world):
     with pytest.raises(ContractViolation, match="item_id_not_in_catalog"):
         export_impressions(log, tmp_path / "out", tiny_world / "tables/catalog.parquet")
     assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+def test_publish_refuses_a_bad_merge_and_keeps_the_old_table(tmp_path, tiny_world):
+    from serving.api.impressions import publish_to_data_root
+
+    tables = tmp_path / "data" / "tables"
+    tables.mkdir(parents=True)
+    for name in ("catalog", "impressions"):
+        shutil.copy(tiny_world / f"tables/{name}.parquet", tables)
+    before = (tables / "impressions.parquet").read_bytes()
+    log = ImpressionLog(tmp_path / "log")
+    log.log_grid(_grid("r1", ["not-an-item"]))
+    with pytest.raises(ContractViolation, match="item_id_not_in_catalog"):
+        publish_to_data_root(log, tmp_path / "data")
+    assert (tables / "impressions.parquet").read_bytes() == before
+    assert sorted(p.name for p in tables.iterdir()) == ["catalog.parquet",
+                                                        "impressions.parquet"]
