@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Protocol
 
 import httpx
@@ -29,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from serving.api.events import events_router
 from serving.api.experiments import (
+    DEFAULT_CONFIG,
     INTERLEAVED,
     ExperimentConfig,
     assign_arm,
@@ -193,3 +195,25 @@ def create_online_app(cfg: ExperimentConfig, backends: Mapping[str, SearchBacken
     app.state.impression_log = log
     app.state.experiment = cfg
     return app
+
+
+def serve(config: Path, log_dir: Path, host: str = "127.0.0.1", port: int = 8090) -> None:
+    """Run the front door over the search stacks named in the config's `rankers`."""
+    import uvicorn
+
+    cfg = ExperimentConfig.load(config)
+    client = httpx.AsyncClient(limits=httpx.Limits(max_connections=256))
+    backends = {name: HttpSearchBackend(url, client) for name, url in cfg.rankers.items()}
+    uvicorn.run(create_online_app(cfg, backends, ImpressionLog(log_dir)), host=host, port=port)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Loupe experiment front door")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--log-dir", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8090)
+    args = parser.parse_args()
+    serve(args.config, args.log_dir, args.host, args.port)

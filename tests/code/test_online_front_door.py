@@ -135,3 +135,44 @@ def test_front_door_logs_export_like_world_logs(tmp_path, tiny_world: Path):
     assert set(ITEMS) <= items  # the stub rankers rank real catalog items
     paths = export_impressions(log, tmp_path / "export", catalog)
     assert len(pd.read_parquet(paths["impressions"])) == 200
+
+
+def test_http_backend_maps_the_search_api_answer_and_its_failures():
+    """HttpSearchBackend against an app answering like serving/api/app.py's /v1/search."""
+    import asyncio
+
+    import httpx
+    from fastapi import FastAPI, Form, HTTPException
+
+    from serving.api.online import HttpSearchBackend
+
+    upstream = FastAPI()
+
+    @upstream.post("/v1/search")
+    async def search(k: int = Form(...), box: str | None = Form(None)):
+        if box == "bad":
+            raise HTTPException(422, "box must be normalised")
+        if box == "crash":
+            raise HTTPException(500, "boom")
+        return {"request_id": "x", "model_version": "loupe-embedder/3",
+                "index_version": ["v1", "v2"], "box": [0.1, 0.1, 0.9, 0.9],
+                "items": [{"item_id": f"it{n}", "score": 1 - n / 10} for n in range(k)]}
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(upstream)) as client:
+            backend = HttpSearchBackend("http://stack", client)
+            ok = await backend.search(_jpeg(), None, 3, None)
+            errors = []
+            for box in ("bad", "crash"):
+                try:
+                    await backend.search(_jpeg(), box, 3, None)
+                except UpstreamError as err:
+                    errors.append((err.status, err.detail))
+            return ok, errors
+
+    ok, errors = asyncio.run(scenario())
+    assert ok.items == [("it0", 1.0), ("it1", 0.9), ("it2", 0.8)]
+    assert (ok.model_version, ok.index_version, ok.box) == ("loupe-embedder/3", "v1+v2",
+                                                           (0.1, 0.1, 0.9, 0.9))
+    assert errors[0] == (422, "search stack http://stack: box must be normalised")
+    assert errors[1][0] == 503
