@@ -1,7 +1,11 @@
-"""`loupe demo`: the whole offline loop on the demo world, then where to look.
+"""`loupe demo`: the demo world through Airflow's retrain and rollout DAGs, then where to look.
 
-Reuses a world that already exists with the same size and seed, so a second `make demo`
-does not regenerate 20k images.
+Steps: generate (or reuse) the world -> `loupe_monthly_retrain` (validate, harvest, train
+debiased + naive, frozen baseline, evaluate, MLflow run, challenger, promotion gate) ->
+`loupe_model_rollout` of the champion (re-embed, shard builds, canary, cutover). Both DAGs
+run in this process with `dag.test()` on a SQLite metadata DB under runs/<size>/, so the
+demo needs no scheduler. A second `make demo` reuses the world and trains again; the gate
+then keeps the champion unless the new version is better by the margin.
 """
 
 from __future__ import annotations
@@ -28,32 +32,64 @@ def _world(size: str, seed: int, root: Path) -> Path:
     return out
 
 
-def run_demo(root: Path, params: Path | None = None) -> dict:
-    from pipelines.harvest import HarvestConfig, harvest, write_report
-    from pipelines.validate import validate_world
+def _xcom(summary: dict, task_id: str):
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
 
+    with create_session() as session:
+        dr = session.query(DagRun).filter_by(dag_id=summary["dag_id"],
+                                             run_id=summary["run_id"]).one()
+        ti = dr.get_task_instances(session=session)[0]
+        return ti.xcom_pull(task_ids=task_id, dag_id=dr.dag_id, run_id=dr.run_id)
+
+
+def _run(dag_id: str, conf: dict, report: Path) -> dict:
+    from pipelines.orchestration import _write_json, run_dag
+
+    t0 = time.perf_counter()
+    summary = run_dag(dag_id, conf)
+    timings = json.loads(report.read_text()) if report.is_file() else {}
+    timings[dag_id] = summary
+    _write_json(report, timings)
+    print(f"[{dag_id}] {summary['state']} in {time.perf_counter() - t0:.0f} s")
+    if summary["state"] != "success":
+        failed = [t for t, v in summary["tasks"].items() if v["state"] != "success"]
+        raise RuntimeError(f"{dag_id} run {summary['run_id']} ended {summary['state']}; "
+                           f"tasks not successful: {failed}")
+    return summary
+
+
+def run_demo(root: Path, params: Path | None = None) -> dict:
+    from pipelines.orchestration import use_airflow_home
+
+    root = Path(root).resolve()
+    params = Path(params or root / "params.yaml").resolve()
     world_cfg = load_section(params, "world")
     size, seed = world_cfg.get("size", "demo"), int(world_cfg.get("seed", 0))
     world = _world(size, seed, root)
-    reports = validate_world(world, quarantine_dir=root / "quarantine",
-                             docs_dir=root / "reports" / "data_docs")
-    print(f"[validate] {len(reports)} tables passed their contracts")
-    result = harvest(world, root / "runs" / size / "harvest",
-                     HarvestConfig(**load_section(params, "harvest")),
-                     quarantine_dir=root / "quarantine")
-    metrics = write_report(result, world, root / "reports")
-    print(f"[harvest] propensity MAE {metrics['propensity_mae']:.3f}, "
-          f"pairs {metrics['pairs_by_source']} -> {result.out_dir}")
+    use_airflow_home(root / "runs" / size / "airflow_home")
+    conf = {"loupe_root": str(root), "params_file": str(params), "world_root": str(world)}
+    report = root / "reports" / "dags.json"
+    retrain = _run("loupe_monthly_retrain", conf, report)
+    result = _xcom(retrain, "evaluate_and_register")
+    metrics = json.loads(Path(result["eval_json"]).read_text())
+    print(f"[evaluate] {result['model_version']}: rater recall@10 "
+          f"{metrics['recall_at_10']:.3f} (frozen {metrics['baseline_recall_at_10']:.3f}, "
+          f"naive {metrics['naive_recall_at_10']:.3f}); gate: {result['decision']['reason']}")
+    rollout = _run("loupe_model_rollout", {**conf, "model": "champion"}, report)
+    live = _xcom(rollout, "cutover")
     print("\nWhere to look:\n"
-          f"  world sample sheet   reports/world_samples.png\n"
-          f"  propensity vs truth  reports/propensity.png\n"
-          f"  harvest metrics      reports/harvest.json\n"
-          f"  training pairs       {result.out_dir}/pairs_debiased.parquet")
-    return {"world": str(world), "harvest": metrics}
+          f"  world sample sheet     reports/world_samples.png\n"
+          f"  eval report (HTML)     {result['report_html']}\n"
+          f"  eval metrics           {result['eval_json']}\n"
+          f"  MLflow                 loupe mlflow-ui  (http://127.0.0.1:5000)\n"
+          f"  DAG timings            {report.relative_to(root)}\n"
+          f"  live index             {live}")
+    return {"world": str(world), "retrain": result, "rollout": live}
 
 
 def add_cli(sub) -> None:
-    p = sub.add_parser("demo", help="run the offline loop on the demo world")
+    p = sub.add_parser("demo", help="demo world -> retrain DAG -> rollout DAG, then where to look")
     p.add_argument("--root", type=Path, default=Path.cwd())
     p.add_argument("--params", type=Path, default=None)
     p.set_defaults(func=lambda a: run_demo(a.root, a.params) and 0)

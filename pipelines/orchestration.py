@@ -456,7 +456,9 @@ def run_canary(cfg: LoupeConfig, index_version: str, model_version: str) -> dict
     from pipelines.index import IndexParams, canary
 
     params = IndexParams.load(Path(cfg.params_file))
-    verdict = canary(cfg.index, index_version, cfg.world, params.canary,
+    queries = None if is_attribute_model(model_version) else registered_embed_fn(
+        cfg, model_version)  # a real embedder also answers the rater queries
+    verdict = canary(cfg.index, index_version, cfg.world, params.canary, queries,
                      expected_model_version=model_version)
     if not verdict.passed:
         raise CanaryFailed(f"index version {index_version} failed its canary, live traffic "

@@ -162,6 +162,16 @@ def test_retrain_harvests_trains_evaluates_registers_and_promotes(dags, tiny_wor
         events = [e for e in session.query(AssetEvent).all()
                   if e.source_run_id == dr.run_id]
     assert [e.extra["model_version"] for e in events] == ["loupe-embedder/1"]
+    # the champion rolls out: catalog re-embedded by the registered graph, canary with rater
+    # queries, cutover; shards and manifest carry the registry's model version
+    rollout = run(dags, "loupe_model_rollout", tmp_path, tiny_world, model="champion",
+                  params_file=str(params_file(tmp_path, train={"max_epochs": 3, "views": 2})))
+    assert rollout.state == "success", states(rollout)
+    canary = xcom(rollout, "canary")
+    assert canary["metrics"]["rater_recall"] >= 0.3
+    live = layout.pointer(cfg.index, layout.CURRENT)
+    manifest = json.loads((layout.version_dir(cfg.index, live) / "manifest.json").read_text())
+    assert manifest["model_version"] == "loupe-embedder/1"
 
 
 def test_corrupted_impressions_stop_the_retrain_before_training(dags, tiny_world, tmp_path):

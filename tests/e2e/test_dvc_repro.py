@@ -38,6 +38,12 @@ def test_dvc_repro_tiny_world(tmp_path):
     assert json.loads((tmp_path / "reports/validate_tiny.json").read_text())
     assert (tmp_path / "runs/tiny/harvest/pairs_debiased.parquet").exists()
     assert (tmp_path / "dvc.lock").exists()
+    # train (debiased + naive), baseline and evaluate: the metrics file the closing note quotes
+    evaluation = json.loads((tmp_path / "reports/eval.json").read_text())
+    assert {"recall_at_10", "baseline_recall_at_10", "naive_recall_at_10", "recall_at_k",
+            "train_seconds"} <= set(evaluation)
+    assert set(evaluation["recall_at_k"]) == {"1", "5", "10", "50"}
+    assert (tmp_path / "reports/eval/eval_report.html").stat().st_size > 10_000
     # nothing changed: a second repro runs no stage
     again = dvc("repro")
     assert again.returncode == 0 and "didn't change" in again.stdout + again.stderr
