@@ -12,7 +12,7 @@ import sys
 
 STAGES = ("world", "validate", "harvest", "demo", "registry", "embed", "index", "ingest",
           "train_detector", "orchestration", "train", "evaluate", "online_eval",
-          "simulate_traffic")
+          "simulate_traffic", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

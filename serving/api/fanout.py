@@ -137,8 +137,10 @@ class Fanout:
                 task.cancel()
 
     async def search(self, vector: list[float], k: int, deadline_s: float,
-                     expect_model_version: str | None = None) -> FanoutResult:
-        payload = {"vector": vector, "k": k}
+                     expect_model_version: str | None = None, filters: dict | None = None
+                     ) -> FanoutResult:
+        payload = {"vector": vector, "k": k, "model_version": expect_model_version,
+                   "filters": filters}
         shard_ids = sorted(self.topology.replicas)
         tasks = {asyncio.create_task(self._one_shard(s, payload)): s for s in shard_ids}
         done, late = await asyncio.wait(tasks, timeout=deadline_s)

@@ -33,12 +33,19 @@ class RankedItem:
 
 
 class Reranker:
+    """Feature lookups are plain dicts built once: per request the re-ranker touches ~100
+    candidates, and pandas row access would cost milliseconds of the latency budget."""
+
     def __init__(self, features: pd.DataFrame, cfg: RerankConfig | None = None):
         self.cfg = cfg or RerankConfig()
-        f = features.set_index("item_id")
-        median = float(np.median(f["debiased_ctr"])) if len(f) else 1.0
-        self._engagement = np.log(f["debiased_ctr"].clip(lower=1e-6) / max(median, 1e-6))
-        self._features = f
+        ctr = features["debiased_ctr"].to_numpy(dtype=np.float64)
+        median = float(np.median(ctr)) if len(ctr) else 1.0
+        engagement = np.log(np.clip(ctr, 1e-6, None) / max(median, 1e-6))
+        self._features = {
+            item_id: (bool(available), str(region), float(price), float(eng))
+            for item_id, available, region, price, eng in zip(
+                features["item_id"], features["available"], features["region"],
+                features["price"], engagement, strict=True)}
 
     @classmethod
     def from_parquet(cls, path: Path, cfg: RerankConfig | None = None) -> Reranker:
@@ -49,15 +56,16 @@ class Reranker:
         """hits: (item_id, similarity) from the shards; unknown items are dropped."""
         out: list[RankedItem] = []
         for item_id, sim in hits:
-            if item_id not in self._features.index:
+            row = self._features.get(item_id)
+            if row is None:
                 continue
-            row = self._features.loc[item_id]
-            if self.cfg.drop_unavailable and not bool(row["available"]):
+            available, item_region, price, engagement = row
+            if self.cfg.drop_unavailable and not available:
                 continue
-            score = sim + self.cfg.w_engagement * float(self._engagement.loc[item_id])
-            if region is not None and row["region"] == region:
+            score = sim + self.cfg.w_engagement * engagement
+            if region is not None and item_region == region:
                 score += self.cfg.w_region
-            out.append(RankedItem(item_id, float(score), float(sim), bool(row["available"]),
-                                  str(row["region"]), float(row["price"])))
+            out.append(RankedItem(item_id, float(score), float(sim), available, item_region,
+                                  price))
         out.sort(key=lambda r: -r.score)
         return out[:k]

@@ -1,0 +1,131 @@
+"""`loupe serve`: install a model version into the Triton repository, make sure the index
+serves it, and start the serving stack (tritonserver + shard replicas + search API).
+
+    loupe serve --world data/demo --embedder runs/demo/train/export \
+        --model-version loupe-embedder/1 --detector runs/detector/export \
+        --detector-version loupe-detector/1 --harvest runs/demo/harvest --out runs/serve
+
+Everything under --out is reused when present (repository versions are immutable; an index
+already cut over for this model version is not rebuilt), so a restart is quick. The catalog
+is embedded with the query path's treatment (detect -> salient box -> crop -> embed) using
+the exported models Triton serves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.features import write_item_features
+from pipelines.index import IndexParams, build_index, canary, cutover
+from serving.shards import layout
+
+log = logging.getLogger("loupe.serve")
+
+
+@dataclass(frozen=True)
+class ServePaths:
+    out: Path
+
+    @property
+    def triton_repo(self) -> Path:
+        return self.out / "triton_repo"
+
+    @property
+    def index_root(self) -> Path:
+        return self.out / "index"
+
+    @property
+    def features(self) -> Path:
+        return self.out / "item_features.parquet"
+
+    def embeddings(self, model_version: str) -> Path:
+        return self.out / "embeddings" / re.sub(r"[^A-Za-z0-9._-]+", "-", model_version)
+
+
+def index_for_model(world: Path, paths: ServePaths, model_version: str, embedder_dir: Path,
+                    detector_dir: Path, params: IndexParams) -> str:
+    """Embed the catalog with the exported models, build, canary and cut over; or reuse the
+    live version when it already holds this model's vectors."""
+    from models.detector import ExportedDetector
+    from models.embedder import embed_images
+    from models.export import ExportedEmbedder
+    from pipelines.embed import detect_crop_embed_fn, reembed
+
+    current = layout.pointer(paths.index_root)
+    if current is not None:
+        manifest = layout.read_manifest(layout.version_dir(paths.index_root, current))
+        if manifest["model_version"] == model_version:
+            return current
+    embed_fn = detect_crop_embed_fn(world, ExportedDetector(detector_dir, threads=2),
+                                    ExportedEmbedder(embedder_dir), embed_images)
+    emb_dir = paths.embeddings(model_version)
+    reembed(world, model_version, embed_fn, emb_dir, validate=False, show_progress=False)
+    version = build_index(emb_dir, paths.index_root, params).name
+    verdict = canary(paths.index_root, version, world, params.canary,
+                     expected_model_version=model_version)
+    if not verdict.passed:
+        raise ValueError(f"index {version} failed its canary: {verdict.reasons}")
+    cutover(paths.index_root, version)
+    return version
+
+
+def prepare(world: Path, out: Path, embedder_dir: Path, model_version: str,
+            detector_dir: Path, detector_version: str, harvest_dir: Path,
+            params: IndexParams | None = None) -> ServePaths:
+    """Repository version + feature table + a live index for `model_version`."""
+    from serving.triton.repository import add_version
+
+    paths = ServePaths(Path(out))
+    add_version(paths.triton_repo, model_version, embedder_dir, detector_dir, detector_version)
+    if not paths.features.exists():
+        write_item_features(world, harvest_dir, paths.features)
+    index_for_model(world, paths, model_version, embedder_dir, detector_dir,
+                    params or IndexParams.load())
+    return paths
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("serve", help="start Triton + shard replicas + search API")
+    p.add_argument("--world", type=Path, required=True)
+    p.add_argument("--embedder", type=Path, required=True, help="embedder export dir")
+    p.add_argument("--model-version", required=True, help="e.g. loupe-embedder/3")
+    p.add_argument("--detector", type=Path, required=True, help="detector export dir")
+    p.add_argument("--detector-version", required=True, help="e.g. loupe-detector/2")
+    p.add_argument("--harvest", type=Path, required=True, help="harvest output dir")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--params", type=Path, default=None)
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    from serving.stack import ServingStack
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    paths = prepare(args.world, args.out, args.embedder, args.model_version, args.detector,
+                    args.detector_version, args.harvest, IndexParams.load(args.params))
+    token = os.environ.get("LOUPE_ADMIN_TOKEN") or secrets.token_urlsafe(24)
+    stack = ServingStack(paths.triton_repo, paths.index_root, args.world, paths.features,
+                         args.out / "run", token, replicas=args.replicas)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with stack:
+        print(json.dumps({"api": stack.url, "triton_grpc": stack.triton.grpc_url,
+                          "shards": {s: [p.url for p in ps] for s, ps in stack.shards.items()},
+                          "admin_token_env": "LOUPE_ADMIN_TOKEN" if
+                          os.environ.get("LOUPE_ADMIN_TOKEN") else f"generated: {token}"},
+                         indent=1), flush=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            print("stopping", file=sys.stderr)
+    return 0

@@ -1,0 +1,103 @@
+"""gRPC client for Loupe's two Triton models, and the contract they share with it.
+
+`detector`: IMAGE (encoded bytes) -> BOXES (n, 4, normalised x0,y0,x1,y1), SCORES (n,),
+LABELS (n,). `embedder`: IMAGE (encoded bytes) + BOX (4,) -> EMBEDDING (256,), unit norm; the
+crop happens inside Triton with the shared crop policy, so the query path and the catalog
+re-embedding path cut objects the same way. Both also return MODEL_VERSION, the Loupe model
+version that produced the answer, so the API checks versions per request, not per deploy.
+Every call pins the Triton version number that the live index was built with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException
+
+BAD_IMAGE_PREFIX = "BadImage:"
+
+
+class ModelUnavailable(RuntimeError):
+    """Triton could not answer (down, restarting, version not loaded): the API returns 503."""
+
+
+class BadModelInput(ValueError):
+    """The model refused the input itself (e.g. a truncated image): the API returns 422."""
+
+
+@dataclass
+class DetectorOutput:
+    boxes: np.ndarray  # (n, 4) normalised
+    scores: np.ndarray  # (n,)
+    labels: np.ndarray  # (n,)
+    detector_version: str
+
+
+def _bytes_input(name: str, values: list[bytes]) -> InferInput:
+    arr = np.array([[v] for v in values], dtype=np.object_)
+    inp = InferInput(name, list(arr.shape), "BYTES")
+    inp.set_data_from_numpy(arr)
+    return inp
+
+
+class TritonModels:
+    """Async client; create it inside the event loop that uses it (gRPC aio channels are
+    bound to one loop)."""
+
+    def __init__(self, url: str, timeout_s: float = 2.0):
+        self.url, self.timeout_s = url, timeout_s
+        self._client = grpcaio.InferenceServerClient(url)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def _infer(self, model: str, inputs: list, outputs: list[str], version: int
+                     ) -> list[np.ndarray]:
+        try:
+            result = await self._client.infer(
+                model, inputs, model_version=str(version),
+                outputs=[InferRequestedOutput(o) for o in outputs],
+                client_timeout=self.timeout_s)
+        except InferenceServerException as err:
+            message = err.message() or str(err)
+            if BAD_IMAGE_PREFIX in message:
+                raise BadModelInput(message.split(BAD_IMAGE_PREFIX, 1)[1].strip()) from err
+            raise ModelUnavailable(f"triton {model}/{version} at {self.url}: {message}"
+                                   ) from err
+        return [result.as_numpy(o) for o in outputs]
+
+    async def detect(self, image: bytes, version: int) -> DetectorOutput:
+        boxes, scores, labels, mv = await self._infer(
+            "detector", [_bytes_input("IMAGE", [image])],
+            ["BOXES", "SCORES", "LABELS", "MODEL_VERSION"], version)
+        return DetectorOutput(boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1),
+                              mv.reshape(-1)[0].decode())
+
+    async def embed(self, images: list[bytes], boxes: np.ndarray, version: int
+                    ) -> tuple[np.ndarray, str]:
+        """Unit vectors for the boxed objects, and the model version that made them."""
+        box = InferInput("BOX", [len(images), 4], "FP32")
+        box.set_data_from_numpy(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
+        vec, mv = await self._infer("embedder", [_bytes_input("IMAGE", images), box],
+                                    ["EMBEDDING", "MODEL_VERSION"], version)
+        return vec, mv.reshape(-1)[0].decode()
+
+    async def ready(self, version: int) -> bool:
+        try:
+            return bool(await self._client.is_server_ready()
+                        and await self._client.is_model_ready("embedder", str(version))
+                        and await self._client.is_model_ready("detector", str(version)))
+        except InferenceServerException:
+            return False
+
+    async def load_models(self) -> None:
+        """Re-read both configs (the served-versions list) and load what they name."""
+        try:
+            for model in ("detector", "embedder"):
+                await self._client.load_model(model)
+        except InferenceServerException as err:
+            raise ModelUnavailable(f"triton at {self.url} failed to load models: "
+                                   f"{err.message() or err}") from err
