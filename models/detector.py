@@ -360,7 +360,7 @@ class ExportedDetector:
     """
 
     def __init__(self, export_dir: Path, threads: int = 1) -> None:
-        import onnxruntime as ort
+        from models.export import onnx_session
 
         export_dir = Path(export_dir)
         for name in (ONNX_FILE, SPEC_FILE):
@@ -371,13 +371,7 @@ class ExportedDetector:
         self.spec = json.loads((export_dir / SPEC_FILE).read_text())
         self.categories: list[str] = list(self.spec["categories"])
         self.input_size = int(self.spec["input_size"])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # no busy-waiting between calls: it steals the core that decode and other models need
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(export_dir / ONNX_FILE), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = onnx_session(export_dir / ONNX_FILE, threads)
 
     def raw(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Network output for a prepared batch (B, 3, S, S)."""

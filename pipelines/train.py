@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -470,7 +471,10 @@ def train(world: Path, pairs_path: Path, out_dir: Path, cfg: TrainConfig | None 
         overfit_batches=overfit_batches, limit_val_batches=0, num_sanity_val_steps=0,
         enable_progress_bar=cfg.progress_bar, enable_model_summary=False)
     t1 = time.perf_counter()
-    trainer.fit(module, ckpt_path=str(last) if resume else None)
+    with warnings.catch_warnings():  # the frozen trunk is in eval mode on purpose
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        trainer.fit(module, ckpt_path=str(last) if resume else None)
     fit_s = time.perf_counter() - t1
     best_path = callbacks[0].best_model_path if not fast_dev_run else ""
     if best_path:
