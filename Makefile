@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # this machine's pip config names local indexes that may be absent: keep their noise out
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither" >&2)
 
-.PHONY: venv demo test test-fast bench lint clean-demo
+.PHONY: venv browser demo test test-fast bench lint clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,15 @@ venv: $(STAMP)
 demo: venv
 	$(VENV)/bin/loupe demo
 
-test: venv
+# the web demo test drives Debian's chromium; install it when we may (root + apt)
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+	       || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive \
+	            apt-get install -y -q chromium >/dev/null; }; }; } \
+	  || echo "chromium missing: tests/e2e/test_web_demo.py will fail (apt-get install chromium)"
+
+test: venv browser
 	$(PY) -m pytest -q
 
 test-fast: venv
