@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -398,12 +399,58 @@ def _set_pointer(index_root: Path, name: str, version: str | None) -> None:
     os.replace(tmp, link)
 
 
-def _log_move(index_root: Path, action: str, old: str | None, new: str | None) -> dict:
-    entry = {"at": datetime.now(UTC).isoformat(), "action": action, "from": old, "to": new}
+def _append_history(index_root: Path, entry: dict) -> None:
     with open(Path(index_root) / layout.HISTORY, "a") as f:
         f.write(json.dumps(entry) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _last_history_id(index_root: Path) -> str | None:
+    path = Path(index_root) / layout.HISTORY
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return json.loads(lines[-1]).get("id") if lines else None
+
+
+def _finish_pending(index_root: Path) -> None:
+    """Complete or undo a pointer move that a killed process left (hold the pointer lock).
+
+    The rename of `current` is the commit point: when `current` already names the move's
+    target, the move happened and only its `previous` and history entry are completed;
+    otherwise it never happened and `previous` is put back."""
+    root = Path(index_root)
+    pending = layout.pending_move(root)
+    if pending is not None:
+        committed = layout.pointer(root, layout.CURRENT) == pending["to"]
+        _set_pointer(root, layout.PREVIOUS,
+                     pending["previous_after" if committed else "previous_before"])
+        if committed and _last_history_id(root) != pending["id"]:
+            _append_history(root, pending["entry"])
+        log.warning("finished a pointer move a killed process left: %s %s -> %s (%s)",
+                    pending["entry"]["action"], pending["entry"]["from"], pending["to"],
+                    "completed" if committed else "undone")
+        (root / layout.PENDING_MOVE).unlink()
+    for name in (layout.CURRENT, layout.PREVIOUS, layout.PENDING_MOVE):
+        for tmp in root.glob(f".{name}.*.tmp"):  # a killed mover's half-made link or record
+            tmp.unlink()
+
+
+def _move(index_root: Path, action: str, to: str, previous_after: str | None) -> dict:
+    """Move `current` to `to` and `previous` to `previous_after` as one step (hold the
+    pointer lock): an intent record first, then `previous`, then `current` (the commit),
+    the history entry, and the record removed; `_finish_pending` completes or undoes a move
+    killed anywhere in between, and `layout.pointer` reads through it meanwhile."""
+    root = Path(index_root)
+    live = layout.pointer(root, layout.CURRENT)
+    entry = {"at": datetime.now(UTC).isoformat(), "action": action, "from": live, "to": to,
+             "id": uuid.uuid4().hex}
+    layout.write_json_atomic(root / layout.PENDING_MOVE, {
+        "id": entry["id"], "to": to, "previous_before": layout.pointer(root, layout.PREVIOUS),
+        "previous_after": previous_after, "entry": entry})
+    _set_pointer(root, layout.PREVIOUS, previous_after)
+    _set_pointer(root, layout.CURRENT, to)
+    _append_history(root, entry)
+    (root / layout.PENDING_MOVE).unlink()
     return entry
 
 
@@ -423,27 +470,24 @@ def _require_passing(index_root: Path, version: str) -> None:
 def cutover(index_root: Path, version: str) -> dict:
     """Make `version` live (it must have a passing canary); the live one becomes previous."""
     with _pointer_lock(index_root):
+        _finish_pending(index_root)
         _require_passing(index_root, version)
         live = layout.pointer(index_root, layout.CURRENT)
         if live == version:
             raise ValueError(f"index version {version} is already live")
-        if live is not None:
-            _set_pointer(index_root, layout.PREVIOUS, live)
-        _set_pointer(index_root, layout.CURRENT, version)
-        return _log_move(index_root, "cutover", live, version)
+        previous = live if live is not None else layout.pointer(index_root, layout.PREVIOUS)
+        return _move(index_root, "cutover", version, previous)
 
 
 def rollback(index_root: Path) -> dict:
     """One step back: `previous` becomes live again and the rolled-back version is unset."""
     with _pointer_lock(index_root):
+        _finish_pending(index_root)
         prev = layout.pointer(index_root, layout.PREVIOUS)
-        live = layout.pointer(index_root, layout.CURRENT)
         if prev is None:
             raise ValueError(f"{index_root}: no previous index version to roll back to")
         _require_passing(index_root, prev)
-        _set_pointer(index_root, layout.CURRENT, prev)
-        _set_pointer(index_root, layout.PREVIOUS, None)
-        return _log_move(index_root, "rollback", live, prev)
+        return _move(index_root, "rollback", prev, None)
 
 
 # --------------------------------------------------------------------------- compaction

@@ -10,6 +10,7 @@ indexer (pipelines/ingest.py) and the shard stores that serve it.
       current -> versions/<version>  the live version: a symlink replaced by atomic rename
       previous -> versions/<version> one step back, for rollback
       history.jsonl                  every cutover and rollback, appended
+      pointer-move.json              only while a pointer move is in flight (or was killed)
       delta.sqlite                   streaming upserts + tombstones and the indexer checkpoint
 
 Shard assignment is a stable hash of the item id, so a rebuild, the streaming indexer and
@@ -34,6 +35,7 @@ SHARD_FILES = (INDEX_FILE, IDS_FILE, VECTORS_FILE, SHARD_META)
 CURRENT = "current"
 PREVIOUS = "previous"
 HISTORY = "history.jsonl"
+PENDING_MOVE = "pointer-move.json"
 DELTA_DB = "delta.sqlite"
 
 
@@ -82,10 +84,28 @@ def read_manifest(vdir: Path) -> dict:
 
 
 def pointer(index_root: Path, name: str = CURRENT) -> str | None:
-    """The version a pointer (`current` / `previous`) names, or None when it is not set."""
+    """The version a pointer (`current` / `previous`) names, or None when it is not set.
+
+    A move of both pointers commits when `current` is renamed (pipelines/index.py); while a
+    move is in flight, or after one was killed, `previous` is read from its intent record,
+    on the side of the commit that `current` shows, so the pair a reader sees is always
+    one that a whole move produced."""
     link = Path(index_root) / name
+    if name == PREVIOUS:
+        pending = pending_move(index_root)
+        if pending is not None:
+            committed = pointer(index_root, CURRENT) == pending["to"]
+            return pending["previous_after" if committed else "previous_before"]
     try:
         return Path(os.readlink(link)).name
+    except FileNotFoundError:
+        return None
+
+
+def pending_move(index_root: Path) -> dict | None:
+    """The intent record of a pointer move that has not finished, or None."""
+    try:
+        return json.loads((Path(index_root) / PENDING_MOVE).read_text())
     except FileNotFoundError:
         return None
 
