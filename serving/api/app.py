@@ -426,9 +426,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Loupe search API")
     p.add_argument("--settings", type=Path, required=True)
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 in a container")
     args = p.parse_args(argv)
     app = create_app(ApiSettings.from_json(args.settings))
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 The process owns a `ShardStore` (hot-swap on cutover, delta + tombstones, version guard) and
 only translates HTTP; run one per shard replica:
 `python -m serving.shards.server --index-root DIR --shard 0 --model-version loupe-embedder/3
---port 9100 [--features items.parquet]`.
+--port 9100 [--host 0.0.0.0] [--features items.parquet]`. The port opens only after the live
+version is loaded (startup loads it), so `GET /healthz` doubles as the readiness probe.
 
 Filters: with an item feature table, `available_only` and `regions` are applied here, with
 over-fetching, so sold-out or out-of-region items never take a candidate slot from the merge.
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shard", type=int, required=True)
     p.add_argument("--model-version", required=True)
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 in a container")
     p.add_argument("--features", type=Path, default=None, help="item feature table (filters)")
     p.add_argument("--keep-previous-s", type=float, default=300.0)
     args = p.parse_args(argv)
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
                        keep_previous_s=args.keep_previous_s)
     item_filter = ItemFilter(pd.read_parquet(args.features)) if args.features else None
     app = create_shard_app(store, item_filter, os.environ.get("LOUPE_ADMIN_TOKEN", ""))
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":
