@@ -63,6 +63,9 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         tests[name] = {**entry, **_OUTCOMES.get(name, {}),
                        "at": datetime.now(UTC).isoformat(timespec="seconds")}
     flat = {k: v for entry in tests.values() for k, v in entry["counts"].items()}
+    for total, parts in (("fuzz_requests", ("fuzz_schema_requests", "fuzz_corpus_requests")),
+                         ("fuzz_5xx", ("fuzz_schema_5xx", "fuzz_corpus_5xx"))):
+        flat[total] = sum(flat.get(p, 0) for p in parts)
     report = {**flat, "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
               "tests": dict(sorted(tests.items()))}
     REPORT.parent.mkdir(parents=True, exist_ok=True)
