@@ -1,0 +1,1 @@
+"""Benchmarks on the `large` world (`make bench`); see bench/run.py."""

@@ -1,0 +1,83 @@
+"""Re-embed throughput on real images: the rollout's re-embed stage (`pipelines.embed.reembed`:
+decode, shared preprocessing, onnxruntime, contract-checked parquet parts + checkpoints)
+over the tiny world's catalog photos through the exported frozen-baseline embedder, the way
+a registered model re-embeds the catalog (`pipelines.evaluate.embed_fn_from_export`).
+
+    .venv/bin/python bench/reembed.py [--work /tmp/loupe-bench-serve] [--reps 3]
+
+The large world has no images, so photos come from the tiny world (128 px catalog photos,
+the embedder's input size). Best of `reps` passes: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def run(work: Path, reps: int = 3, threads: int = 2) -> dict:
+    from models.export import ExportedEmbedder
+    from pipelines.embed import EmbedParams, reembed
+    from pipelines.evaluate import embed_fn_from_model
+    from pipelines.train import export_baseline
+    from pipelines.world import generate_world
+
+    tiny = work / "tiny"
+    if not (tiny / "world.json").is_file():
+        generate_world("tiny", 0, tiny)
+    export = work / "embedder" / "export"
+    if not (export / "embedder.json").is_file():
+        export_baseline(work / "embedder")
+    params = EmbedParams.load()
+    embed_fn = embed_fn_from_model(ExportedEmbedder(export, threads=threads), tiny,
+                                   params.batch_size)
+    import pandas as pd
+
+    paths = list(pd.read_parquet(tiny / "tables" / "catalog.parquet")["image_path"])
+    alone = []
+    for _ in range(reps):  # decode + preprocessing + onnxruntime only, no stage around it
+        t0 = time.perf_counter()
+        embed_fn(paths, None)
+        alone.append(len(paths) / (time.perf_counter() - t0))
+    out, rates, n = work / "reembed", [], 0
+    for _ in range(reps):
+        shutil.rmtree(out, ignore_errors=True)  # a finished run would be resumed, not redone
+        t0 = time.perf_counter()
+        summary = reembed(tiny, "loupe-embedder/1", embed_fn, out, None, params.batch_size,
+                          n_partitions=params.n_partitions, validate=params.validate,
+                          show_progress=False)
+        wall = time.perf_counter() - t0
+        n = sum(summary["embedded"].values())
+        rates.append(n / wall)
+    return {"images": n, "images_per_s": round(max(rates), 1),
+            "passes_images_per_s": [round(r, 1) for r in rates],
+            "embedder_only_images_per_s": round(max(alone), 1), "ort_threads": threads,
+            "batch_size": params.batch_size, "validate": params.validate,
+            "what": "tiny-world catalog photos through reembed() with the exported "
+                    "frozen-baseline embedder (onnxruntime, CPU)"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/loupe-bench-serve"))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    result = run(args.work, args.reps)
+    print(f"re-embed: {result['images']} images, {result['images_per_s']:.0f} images/s "
+          f"(passes {result['passes_images_per_s']}); embedder alone "
+          f"{result['embedder_only_images_per_s']:.0f} images/s")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The benchmark reports' arithmetic on small hand-made inputs: per-stage breakdown, Triton
+counter deltas, rollout stage grouping, the bench.json aggregation and its markdown table."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.rollout import stage_times
+from bench.run import CONCURRENCY, aggregate, markdown
+from bench.serve import summarize_level, triton_delta
+
+
+def _rows(latencies, detect=5.0, embed=3.0, fanout=4.0, rerank=0.5, total=14.0):
+    return [(ms, {"timings": {"detect_ms": detect, "embed_ms": embed, "fanout_ms": fanout,
+                              "rerank_ms": rerank, "total_ms": total},
+                  "partial": i == 0, "hedges": 1}) for i, ms in enumerate(latencies)]
+
+
+def test_summarize_level_splits_what_lies_outside_the_stages():
+    lv = summarize_level(_rows([16.0, 18.0, 20.0, 22.0]), wall_s=2.0, errors=1)
+    assert lv["requests"] == 4 and lv["errors"] == 1 and lv["qps"] == 2.0
+    assert lv["p50_ms"] == 19.0 and lv["p99_ms"] == pytest.approx(21.94)
+    assert lv["partial_responses"] == 1 and lv["hedges_fired"] == 4
+    st = lv["stages"]
+    assert st["api_other_ms"]["p50"] == pytest.approx(14.0 - 12.5)  # total minus the stages
+    assert st["outside_api_ms"]["mean"] == pytest.approx(19.0 - 14.0)  # client wall - total
+    with pytest.raises(ValueError, match="no successful requests"):
+        summarize_level([], 1.0, 3)
+
+
+def test_triton_delta_means_per_request_and_batch_size():
+    before = {("embedder", "nv_inference_request_success"): 10.0,
+              ("embedder", "nv_inference_exec_count"): 10.0,
+              ("embedder", "nv_inference_queue_duration_us"): 1000.0,
+              ("embedder", "nv_inference_compute_infer_duration_us"): 20000.0}
+    after = {("embedder", "nv_inference_request_success"): 110.0,
+             ("embedder", "nv_inference_exec_count"): 35.0,
+             ("embedder", "nv_inference_queue_duration_us"): 201000.0,
+             ("embedder", "nv_inference_compute_infer_duration_us"): 320000.0,
+             ("detector", "nv_inference_request_success"): 0.0}
+    d = triton_delta(before, after)
+    assert set(d) == {"embedder"}  # a model without requests in the window is left out
+    assert d["embedder"] == {"requests": 100, "mean_batch": 4.0, "queue_ms": 2.0,
+                             "compute_ms": 3.0, "request_ms": 0.0}
+
+
+def test_stage_times_groups_mapped_tasks():
+    stages = stage_times({"plan": {"seconds": 0.5}, "embed_partition[0]": {"seconds": 3.0},
+                          "embed_partition[1]": {"seconds": 5.0}, "configure": {"seconds": 1.0},
+                          "build_shard[0]": {"seconds": 7.0}})
+    assert list(stages) == ["configure", "plan", "embed_partition", "build_shard"]
+    assert stages["embed_partition"] == {"tasks": 2, "sum_s": 8.0, "max_s": 5.0}
+
+
+def _serve() -> dict:
+    levels = {c: summarize_level(_rows([10.0 * int(c)] * 3), 1.0, 0) for c in CONCURRENCY}
+    for lv in levels.values():
+        lv["cpu_ms_per_query"] = {"api": 5.0, "triton": 12.0}
+    return {"cores": 2, "loadavg": {"1": {"before": [1.0, 1.0, 1.0]}}, "what": "search",
+            "index": "large", "queries": "scenes", "levels": levels,
+            "stages": {c: lv["stages"] for c, lv in levels.items()},
+            "alone": {"total_cpu_ms_per_query": 10.0}, "compute_bound_qps": 200.0,
+            "qps_c8_over_compute_bound": 0.015, "aims": {"p95_ms_c1_le_50": True}}
+
+
+def _index() -> dict:
+    return {"items": 7200, "n_shards": 2, "recall_at_10": 0.98, "qps_per_shard": 5000.0,
+            "qps_per_shard_faiss_index": 7000.0, "hnswlib_qps_at_equal_recall": 8000.0,
+            "qps_ratio_vs_hnswlib": 0.875, "bytes_per_vector_hnsw": 656.0,
+            "bytes_per_vector_pq": 47.0, "hnswlib_bytes_per_vector": 1172.0,
+            "ivfpq": {"recall_at_10": 0.95, "qps": 3000.0}, "inserts_per_s": 50000.0,
+            "streaming": {"ingest_to_searchable_p50_s": 0.1},
+            "ingest_to_searchable_p95_s": 0.18}
+
+
+def test_aggregate_and_markdown():
+    reembed = {"images_per_s": 2.0, "embedder_only_images_per_s": 4.0, "what": "photos"}
+    rollout = {"dag_id": "loupe_model_rollout", "items": 7200, "model": "attributes/0",
+               "executor": "dag.test()", "wall_seconds": 30.0,
+               "stages": stage_times({"embed_partition[0]": {"seconds": 3.0}})}
+    gpu = {"skipped": True, "reason": "GPU variant skipped: no GPU"}
+    report = aggregate(_index(), _serve(), rollout, reembed, gpu)
+    assert report["reembed"]["projected_large_world_hours"] == 1.0  # 7200 items at 2/s
+    assert report["serving"]["latency"]["8"] == {"p50_ms": 80.0, "p95_ms": 80.0,
+                                                 "p99_ms": 80.0, "qps": 3.0}
+    assert report["serving"]["stages_p50_ms"]["1"]["fanout_ms"] == 4.0
+    assert report["index"]["recall_at_10_pq"] == 0.95
+    md = markdown(report)
+    assert "| 8 | 80.0 | 80.0 | 80.0 | 3.0 |" in md
+    assert "| 1 | 5.0 / 5.0 | 3.0 / 3.0 | 4.0 / 4.0 | 0.5 / 0.5 |" in md
+    assert "| embed_partition | 1 | 3.0 | 3.0 |" in md
+    assert "GPU variant skipped: no GPU" in md
+    assert "rollout" not in aggregate(_index(), _serve(), None, reembed, gpu)
