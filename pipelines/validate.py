@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import unquote, urlparse
 
 import pandas as pd
@@ -30,6 +30,10 @@ MAX_EXAMPLES = 5
 _QUIET_KWARGS = {"column", "column_list", "column_A", "column_B", "batch_id", "result_format",
                  "catch_exceptions", "include_config", "meta", "notes", "rendered_content",
                  "description", "row_condition", "condition_parser", "severity"}
+
+
+class UnreadableTable(ValueError):
+    """The file is not readable parquet (truncated, another format)."""
 
 
 class ContractViolation(ValueError):
@@ -183,7 +187,7 @@ def _read(table: str, path: Path, catalog_path: Path | None) -> pd.DataFrame:
     try:
         arrow = pq.read_table(path)
     except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
-        raise ValueError(f"cannot read {table} table {path} as parquet: {err}") from err
+        raise UnreadableTable(f"cannot read {table} table {path} as parquet: {err}") from err
     catalog_ids = None
     if table in NEEDS_CATALOG:
         catalog_path = catalog_path or path.with_name("catalog.parquet")
@@ -219,7 +223,16 @@ def validate_table(table: str, path: Path, *, quarantine_dir: Path | None,
         raise ValueError(f"now must be timezone-aware, got {now.isoformat()}")
     t0 = time.perf_counter()
     path = Path(path)
-    frame = _read(table, path, None if catalog_path is None else Path(catalog_path))
+    try:
+        frame = _read(table, path, None if catalog_path is None else Path(catalog_path))
+    except UnreadableTable as err:  # a truncated or non-parquet export breaks the contract too
+        report = ValidationReport(
+            table=table, path=path, success=False, rows=0, expectations=1,
+            failures=[ExpectationFailure("readable_parquet", None, "", None, None,
+                                         error=str(err))],
+            checked_at=datetime.now(UTC).isoformat(), now=now.isoformat(),
+            seconds=round(time.perf_counter() - t0, 3))
+        _refuse(report, path, table, quarantine_dir)
 
     from data_contracts.contracts import KEY_COLUMNS, NOW
 
@@ -238,6 +251,12 @@ def validate_table(table: str, path: Path, *, quarantine_dir: Path | None,
         seconds=round(time.perf_counter() - t0, 3))
     if report.success:
         return report
+    _refuse(report, path, table, quarantine_dir)
+
+
+def _refuse(report: ValidationReport, path: Path, table: str,
+            quarantine_dir: Path | None) -> NoReturn:
+    """Quarantine the failing file (when a quarantine dir is given) and stop the stage."""
     if quarantine_dir is not None:
         folder = _quarantine(path, table, Path(quarantine_dir))
         report.quarantined_to = folder / path.name
