@@ -55,6 +55,9 @@ def aggregate(index: dict, serve: dict, rollout: dict | None, reembed: dict, gpu
             "alone_cpu_ms_per_query": serve["alone"]["total_cpu_ms_per_query"],
             "compute_bound_qps": serve["compute_bound_qps"],
             "qps_c8_over_compute_bound": serve["qps_c8_over_compute_bound"],
+            "stack_cpu_bound_qps_c8": serve["stack_cpu_bound_qps_c8"],
+            "machinery_cpu_ms_per_query_c8": serve["machinery_cpu_ms_per_query_c8"],
+            "cores_used_share": {c: serve["levels"][c]["cpu_utilization"] for c in CONCURRENCY},
             "aims": serve["aims"]},
         "index": {k: index[k] for k in (
             "items", "n_shards", "recall_at_10", "qps_per_shard", "qps_per_shard_faiss_index",
@@ -100,11 +103,16 @@ def markdown(report: dict) -> str:
                            for x in STAGES)) for c in CONCURRENCY])
     lines += [f"Models + ANN alone: {s['alone_cpu_ms_per_query']} CPU ms per query -> "
               f"compute_bound_qps {s['compute_bound_qps']}; qps_c8 / compute_bound = "
-              f"{s['qps_c8_over_compute_bound']}. Aims: {s['aims']}.", "",
-              "CPU ms per query by process:", ""]
+              f"{s['qps_c8_over_compute_bound']}. Aims: {s['aims']}.",
+              f"The whole stack spends {s['machinery_cpu_ms_per_query_c8']} CPU ms per query "
+              f"beyond the models and the ANN (c=8), which alone caps it at "
+              f"{s['stack_cpu_bound_qps_c8']} QPS on these cores.", "",
+              "CPU ms per query by process, and the share of the machine's cores the stack "
+              "got (the rest went to other work on the shared machine):", ""]
     procs = list(s["cpu_ms_per_query"]["1"])
-    lines += _table(["concurrency", *procs], [(c, *(s["cpu_ms_per_query"][c][p] for p in procs))
-                                              for c in CONCURRENCY])
+    lines += _table(["concurrency", *procs, "cores used"],
+                    [(c, *(s["cpu_ms_per_query"][c][p] for p in procs),
+                      f"{s['cores_used_share'][c]:.0%}") for c in CONCURRENCY])
     lines += ["## Index (per shard, one thread)", ""]
     lines += _table(["metric", "value"], [
         ("items / shards", f"{ix['items']} / {ix['n_shards']}"),

@@ -56,11 +56,13 @@ def _serve() -> dict:
     levels = {c: summarize_level(_rows([10.0 * int(c)] * 3), 1.0, 0) for c in CONCURRENCY}
     for lv in levels.values():
         lv["cpu_ms_per_query"] = {"api": 5.0, "triton": 12.0}
+        lv["cpu_utilization"] = 0.5
     return {"cores": 2, "loadavg": {"1": {"before": [1.0, 1.0, 1.0]}}, "what": "search",
             "index": "large", "queries": "scenes", "levels": levels,
             "stages": {c: lv["stages"] for c, lv in levels.items()},
             "alone": {"total_cpu_ms_per_query": 10.0}, "compute_bound_qps": 200.0,
-            "qps_c8_over_compute_bound": 0.015, "aims": {"p95_ms_c1_le_50": True}}
+            "qps_c8_over_compute_bound": 0.015, "stack_cpu_bound_qps_c8": 117.6,
+            "machinery_cpu_ms_per_query_c8": 7.0, "aims": {"p95_ms_c1_le_50": True}}
 
 
 def _index() -> dict:
@@ -89,5 +91,6 @@ def test_aggregate_and_markdown():
     assert "| 8 | 80.0 | 80.0 | 80.0 | 3.0 |" in md
     assert "| 1 | 5.0 / 5.0 | 3.0 / 3.0 | 4.0 / 4.0 | 0.5 / 0.5 |" in md
     assert "| embed_partition | 1 | 3.0 | 3.0 |" in md
+    assert "| 4 | 5.0 | 12.0 | 50% |" in md
     assert "GPU variant skipped: no GPU" in md
     assert "rollout" not in aggregate(_index(), _serve(), None, reembed, gpu)
