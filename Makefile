@@ -36,7 +36,7 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
 
 # every benchmark on the large world -> reports/bench.json + bench.md (~30 min on 2 cores);
-# BENCH_ARGS=--reuse-index keeps reports/bench_index.json
+# BENCH_ARGS='--reuse index' keeps reports/bench_index.json (see bench/run.py)
 bench: venv
 	nice -n 10 $(PY) bench/run.py $(BENCH_ARGS)
 

@@ -1,7 +1,7 @@
 """`make bench`: every benchmark on the `large` world, end to end, into reports/bench.json and
 a markdown table in reports/bench.md.
 
-    .venv/bin/python bench/run.py [--work /tmp/loupe-bench] [--reuse-index] [--skip-rollout]
+    .venv/bin/python bench/run.py [--work /tmp/loupe-bench] [--reuse index --reuse rollout]
 
 Steps, each a fresh process writing its own JSON (so FAISS/onnxruntime thread settings and
 Airflow's one-time configuration do not leak between them):
@@ -25,6 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 REPORTS = REPO / "reports"
 CONCURRENCY = ("1", "4", "8")
+STEPS = {"index": "index.py", "serve": "serve.py", "rollout": "rollout.py",
+         "reembed": "reembed.py", "gpu": "gpu.py"}
 STAGES = ("detect_ms", "embed_ms", "fanout_ms", "rerank_ms", "api_other_ms", "outside_api_ms")
 
 
@@ -36,11 +38,10 @@ def step(script: str, *args: str) -> None:
     print(f"== {script}: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def aggregate(index: dict, serve: dict, rollout: dict | None, reembed: dict, gpu: dict
-              ) -> dict:
+def aggregate(index: dict, serve: dict, rollout: dict, reembed: dict, gpu: dict) -> dict:
     """The headline numbers of every benchmark in one document (sources keep the rest)."""
     items = index["items"]
-    out = {
+    return {
         "machine": {"cores": serve["cores"], "serve_loadavg": serve["loadavg"]},
         "serving": {
             "what": serve["what"], "index": serve["index"], "queries": serve["queries"],
@@ -71,12 +72,10 @@ def aggregate(index: dict, serve: dict, rollout: dict | None, reembed: dict, gpu
                       "ingest_to_searchable_p95_s": index["ingest_to_searchable_p95_s"]},
         "reembed": reembed | {
             "projected_large_world_hours": round(items / reembed["images_per_s"] / 3600, 2)},
+        "rollout": rollout,
         "gpu": gpu,
         "sources": ["reports/bench_index.json", "reports/bench_serve.json"],
     }
-    if rollout is not None:
-        out["rollout"] = rollout
-    return out
 
 
 def _row(cells) -> str:
@@ -129,13 +128,11 @@ def markdown(report: dict) -> str:
         ("inserts / s (feed -> delta)", f"{st['inserts_per_s']:.0f}"),
         ("ingest -> searchable p50 / p95 s", f"{st['ingest_to_searchable_p50_s']:.3f} / "
                                              f"{st['ingest_to_searchable_p95_s']:.3f}")])
-    if "rollout" in report:
-        ro = report["rollout"]
-        lines += [f"## Rollout DAG ({ro['dag_id']}, {ro['items']} items, {ro['model']}, "
-                  f"{ro['executor']}): {ro['wall_seconds']:.0f} s", ""]
-        lines += _table(["stage", "tasks", "sum s", "max s (parallel wall)"],
-                        [(k, v["tasks"], v["sum_s"], v["max_s"])
-                         for k, v in ro["stages"].items()])
+    ro = report["rollout"]
+    lines += [f"## Rollout DAG ({ro['dag_id']}, {ro['items']} items, {ro['model']}, "
+              f"{ro['executor']}): {ro['wall_seconds']:.0f} s", ""]
+    lines += _table(["stage", "tasks", "sum s", "max s (parallel wall)"],
+                    [(k, v["tasks"], v["sum_s"], v["max_s"]) for k, v in ro["stages"].items()])
     re = report["reembed"]
     lines += ["## Re-embed", "",
               f"{re['images_per_s']} images/s through the re-embed stage ({re['what']}); "
@@ -150,26 +147,23 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/loupe-bench"))
-    ap.add_argument("--reuse-index", action="store_true",
-                    help="keep reports/bench_index.json when present instead of re-running")
-    ap.add_argument("--skip-rollout", action="store_true")
+    ap.add_argument("--reuse", action="append", default=[], choices=list(STEPS),
+                    help="keep this step's JSON from an earlier run when present (repeatable)")
     args = ap.parse_args(argv)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    index_json = REPORTS / "bench_index.json"
-    if not (args.reuse_index and index_json.is_file()):
-        step("index.py", "--work", str(work / "index"), "--out", str(index_json))
-    step("serve.py", "--work", str(work / "serve"), "--out", str(REPORTS / "bench_serve.json"))
-    rollout = None
-    if not args.skip_rollout:
-        step("rollout.py", "--work", str(work / "serve"), "--out", str(work / "rollout.json"))
-        rollout = json.loads((work / "rollout.json").read_text())
-    step("reembed.py", "--work", str(work / "serve"), "--out", str(work / "reembed.json"))
-    step("gpu.py", "--work", str(work / "serve"), "--out", str(work / "gpu.json"))
-    report = aggregate(json.loads(index_json.read_text()),
-                       json.loads((REPORTS / "bench_serve.json").read_text()), rollout,
-                       json.loads((work / "reembed.json").read_text()),
-                       json.loads((work / "gpu.json").read_text()))
+    outputs = {"index": REPORTS / "bench_index.json", "serve": REPORTS / "bench_serve.json",
+               "rollout": work / "rollout.json", "reembed": work / "reembed.json",
+               "gpu": work / "gpu.json"}
+    for name, script in STEPS.items():
+        if name in args.reuse and outputs[name].is_file():
+            print(f"== {name}: reusing {outputs[name]}", flush=True)
+            continue
+        step_work = work / ("index" if name == "index" else "serve")  # the rest share models
+        step(script, "--work", str(step_work), "--out", str(outputs[name]))
+    data = {name: json.loads(path.read_text()) for name, path in outputs.items()}
+    report = aggregate(data["index"], data["serve"], data["rollout"], data["reembed"],
+                       data["gpu"])
     (REPORTS / "bench.json").write_text(json.dumps(report, indent=1))
     (REPORTS / "bench.md").write_text(markdown(report))
     print(markdown(report))

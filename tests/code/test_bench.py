@@ -93,4 +93,3 @@ def test_aggregate_and_markdown():
     assert "| embed_partition | 1 | 3.0 | 3.0 |" in md
     assert "| 4 | 5.0 | 12.0 | 50% |" in md
     assert "GPU variant skipped: no GPU" in md
-    assert "rollout" not in aggregate(_index(), _serve(), None, reembed, gpu)
