@@ -408,10 +408,14 @@ def create_app(settings: ApiSettings, routers: Sequence[APIRouter] = ()) -> Fast
 
     @app.get("/world/{path:path}")
     async def images(path: str):
-        target = (world / path).resolve()
-        if not target.is_relative_to(world.resolve()) or target.suffix != ".jpg" \
-                or not target.is_file():
-            raise HTTPException(404, f"no image {path!r}")
+        try:
+            target = (world / path).resolve()
+            found = target.is_relative_to(world.resolve()) and target.suffix == ".jpg" \
+                and target.is_file()
+        except (ValueError, OSError):  # a NUL byte, a name too long for the file system
+            found = False
+        if not found:
+            raise HTTPException(404, f"no image {path[:200]!r}")
         return FileResponse(target, media_type="image/jpeg")
 
     app.state.loupe = state
