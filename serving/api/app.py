@@ -288,13 +288,14 @@ def create_app(settings: ApiSettings, routers: Sequence[APIRouter] = ()) -> Fast
         timings["total_ms"] = total * 1000
         metrics.stage.labels("total").observe(total)
         metrics.requests.labels("/v1/search", "200").inc()
-        return {"request_id": uuid.uuid4().hex, "model_version": live.model_version,
-                "index_version": index_versions[0] if len(index_versions) == 1
-                else index_versions,
-                "box": [round(float(v), 4) for v in chosen], "detected": boxes,
-                "partial": fan.partial, "missing_shards": fan.missing_shards,
-                "hedges_fired": fan.hedges_fired, "items": items,
-                "timings_ms": {key: round(v, 3) for key, v in timings.items()}}
+        # plain JSON types already: FastAPI's jsonable_encoder would cost ~0.2 ms per search
+        return JSONResponse({
+            "request_id": uuid.uuid4().hex, "model_version": live.model_version,
+            "index_version": index_versions[0] if len(index_versions) == 1 else index_versions,
+            "box": [round(float(v), 4) for v in chosen], "detected": boxes,
+            "partial": fan.partial, "missing_shards": fan.missing_shards,
+            "hedges_fired": fan.hedges_fired, "items": items,
+            "timings_ms": {key: round(v, 3) for key, v in timings.items()}})
 
     @app.get("/healthz")
     async def healthz():

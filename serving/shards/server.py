@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import uvicorn
 from fastapi import FastAPI, Header, HTTPException
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from serving.shards.store import NotReady, SearchResult, ShardStore, VersionMismatch
@@ -97,9 +98,10 @@ def create_shard_app(store: ShardStore, item_filter: ItemFilter | None = None,
             raise HTTPException(503, str(err)) from err
         except ValueError as err:
             raise HTTPException(422, str(err)) from err
-        return {"shard_id": res.shard_id, "index_version": res.index_version,
-                "model_version": res.model_version,
-                "hits": [{"item_id": h.item_id, "score": h.score} for h in hits]}
+        # plain JSON types already: FastAPI's jsonable_encoder would cost ~0.2 ms per answer
+        return JSONResponse({"shard_id": res.shard_id, "index_version": res.index_version,
+                             "model_version": res.model_version,
+                             "hits": [{"item_id": h.item_id, "score": h.score} for h in hits]})
 
     @app.get("/healthz")
     async def healthz():
