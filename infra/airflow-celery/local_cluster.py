@@ -4,7 +4,10 @@ It runs the production settings of `airflow.env` with local endpoints: a fresh P
 database as the metadata DB and Celery result backend (created per run, dropped after), a
 dedicated Redis db number as the broker with a per-run queue (two runs never steal each
 other's tasks), and the real components as processes: api-server (Execution API for the
-workers), scheduler, dag-processor and N `airflow celery worker`s named w1..wN.
+workers), scheduler, dag-processor and N `airflow celery worker`s named w1..wN, plus
+optional `gpu` workers g1..gM that consume only the GPU queue the cluster policy
+(infra/airflow_local_settings.py, installed in $AIRFLOW_HOME/config) routes the catalog
+re-embedding to.
 
 Postgres (127.0.0.1:5432, trust auth) and Redis (127.0.0.1:6379) are started with
 `pg_ctlcluster` / `redis-server` when they do not answer; when that is impossible the run stops
@@ -135,6 +138,8 @@ class LocalCeleryCluster:
     dags: tuple[str, ...] = ("loupe_model_rollout",)
     workers: int = 2
     concurrency: int = 1
+    gpu_workers: int = 0
+    gpu_concurrency: int = 1
     workdir: Path | None = None
     redis_db: int = REDIS_DB
     keep_db: bool = False
@@ -143,11 +148,12 @@ class LocalCeleryCluster:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per start-up phase
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.concurrency < 1:
-            raise ValueError("workers and concurrency must be >= 1")
+        if self.workers < 1 or self.concurrency < 1 or self.gpu_workers < 0:
+            raise ValueError("workers and concurrency must be >= 1, gpu_workers >= 0")
         self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="loupe-celery-"))
         self.db = f"loupe_airflow_{self.run_tag}"
         self.queue = f"loupe-{self.run_tag}"
+        self.gpu_queue = f"{self.queue}-gpu"
         self.api_port = _free_port()
         self.home = self.workdir / "airflow_home"
         self.logs = self.workdir / "logs"
@@ -173,6 +179,7 @@ class LocalCeleryCluster:
             "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{self.dsn}",
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.concurrency),
             "AIRFLOW__OPERATORS__DEFAULT_QUEUE": self.queue,
+            "LOUPE_GPU_QUEUE": self.gpu_queue,  # read by the cluster policy
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
             # the supervisor notices some task processes' exit only at its next wake-up
@@ -202,6 +209,8 @@ class LocalCeleryCluster:
         _admin_sql(f'CREATE DATABASE "{self.db}"')
         self.logs.mkdir(parents=True, exist_ok=True)
         self.dags_folder.mkdir(parents=True, exist_ok=True)
+        (self.home / "config").mkdir(parents=True, exist_ok=True)  # on sys.path in Airflow
+        shutil.copy(HERE.parent / "airflow_local_settings.py", self.home / "config")
         for dag_id in self.dags:  # only these DAGs exist here: the others would run on cron
             src = REPO / "dags" / f"{dag_id}.py"
             if not src.is_file():
@@ -215,15 +224,18 @@ class LocalCeleryCluster:
                     str(self.api_port), "--workers", "1")
         self._spawn("scheduler", "scheduler")
         self._spawn("dag-processor", "dag-processor")
-        for i in range(1, self.workers + 1):
-            self._spawn(f"w{i}", "celery", "worker", "--celery-hostname", f"w{i}@%h",
-                        "--queues", self.queue, "--concurrency", str(self.concurrency),
+        workers = [(f"w{i}", self.queue, self.concurrency) for i in range(1, self.workers + 1)]
+        workers += [(f"g{i}", self.gpu_queue, self.gpu_concurrency)
+                    for i in range(1, self.gpu_workers + 1)]
+        for name, queue, slots in workers:
+            self._spawn(name, "celery", "worker", "--celery-hostname", f"{name}@%h",
+                        "--queues", queue, "--concurrency", str(slots),
                         "--skip-serve-logs", "--without-gossip", "--without-mingle")
         deadline = time.monotonic() + timeout_s
         self._wait(lambda: self._http_ok(f"http://127.0.0.1:{self.api_port}/api/v2/version"),
                    deadline, "the api-server to answer")
-        self._wait(lambda: len(self.celery_workers()) == self.workers, deadline,
-                   f"{self.workers} celery workers to answer a ping")
+        self._wait(lambda: len(self.celery_workers()) == len(workers), deadline,
+                   f"{len(workers)} celery workers to answer a ping")
         self.timings["start_s"] = round(time.monotonic() - t0, 1)
         return self
 
@@ -243,7 +255,7 @@ class LocalCeleryCluster:
         self.procs.clear()
         try:
             r = redis.Redis(REDIS_HOST, REDIS_PORT, db=self.redis_db)
-            keys = list(r.scan_iter(f"*{self.queue}*"))
+            keys = list(r.scan_iter(f"*{self.queue}*"))  # the gpu queue's name contains it
             if keys:
                 r.delete(*keys)
         except redis.RedisError:
@@ -360,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--conf", default="{}", help="run conf as JSON")
     run.add_argument("--workers", type=int, default=2)
     run.add_argument("--concurrency", type=int, default=1)
+    run.add_argument("--gpu-workers", type=int, default=0,
+                     help="workers that consume only the GPU queue (re-embedding)")
+    run.add_argument("--gpu-concurrency", type=int, default=1)
     run.add_argument("--workdir", type=Path, default=None)
     run.add_argument("--keep-db", action="store_true", help="keep the metadata DB after")
     sub.add_parser("services", help="only make sure Postgres and Redis answer")
@@ -367,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "services":
         print(json.dumps({"postgres": ensure_postgres(), "redis": ensure_redis()}))
         return 0
-    with LocalCeleryCluster((args.dag,), args.workers, args.concurrency, args.workdir,
+    with LocalCeleryCluster((args.dag,), args.workers, args.concurrency, args.gpu_workers,
+                            args.gpu_concurrency, args.workdir,
                             keep_db=args.keep_db) as cluster:
         run_id = cluster.trigger(args.dag, json.loads(args.conf))
         state = cluster.wait_run(args.dag, run_id)

@@ -368,3 +368,24 @@ def test_gpu_routes_exist_in_every_deployment_variant():
     for name, service in compose["services"].items():
         if name.startswith("airflow"):
             assert service["env_file"] == ["airflow.env"], name
+
+
+# --------------------------------------------------------------------------- capacity
+def test_capacity_model_quotes_the_reports_and_sizes_the_statefulset():
+    """docs/capacity.md quotes reports/bench_index.json as it is now, and the shard
+    StatefulSet has the shard count, replica count and memory the model derives."""
+    bench = json.loads((REPO_ROOT / "reports" / "bench_index.json").read_text())
+    doc = (REPO_ROOT / "docs" / "capacity.md").read_text()
+    for value in (f"{bench['recall_at_10']:.3f}", f"{bench['bytes_per_vector_hnsw']:.0f}",
+                  f"{bench['qps_per_shard']:,.0f}", f"{bench['qps_per_shard_with_delta']:,.0f}",
+                  f"{bench['ivfpq']['recall_at_10']:.3f}", f"{bench['bytes_per_vector_pq']:.0f}"):
+        assert value in doc, value
+    shards = int(re.search(r"1e9 / (\d+) shards", doc).group(1))
+    replicas = int(re.search(r"replicas\s+= (\d+) x", doc).group(1))
+    sts = k8s_objects()[("StatefulSet", "loupe-shard")]
+    c = container(sts)
+    assert int(next(e["value"] for e in c["env"] if e["name"] == "LOUPE_N_SHARDS")) == shards
+    assert sts["spec"]["replicas"] == shards * replicas
+    ram = 1e9 / shards * (bench["bytes_per_vector_hnsw"] + 64)  # A1: 64 B per item id
+    request = c["resources"]["requests"]["memory"]
+    assert request.endswith("Gi") and ram < int(request[:-2]) * 2**30 * 0.95

@@ -1,6 +1,8 @@
 """The rollout DAG on the scale-out deployment: Airflow 3.3 with CeleryExecutor, two Celery
-workers, Postgres metadata DB + result backend and Redis broker (infra/airflow-celery/), all
-real processes on this machine. Shows the shard builds running in parallel on both workers.
+workers for the default queue and one for the GPU queue, Postgres metadata DB + result
+backend and Redis broker (infra/airflow-celery/), all real processes on this machine. Shows
+the shard builds running in parallel on both default workers, and the cluster policy
+(infra/airflow_local_settings.py) sending every re-embedding task to the GPU-queue worker.
 
 Evidence comes from the metadata DB: task_instance rows (state, start/end, pool, queue) joined
 to the Celery result backend's rows (the worker that executed each task), and the XCom the
@@ -43,9 +45,9 @@ def test_rollout_on_celery_with_two_workers_builds_shards_in_parallel(tiny_world
     lc = _load_cluster_module()
     root = tmp_path / "root"
     t0 = time.monotonic()
-    with lc.LocalCeleryCluster((DAG_ID,), workers=2, concurrency=1,
-                               workdir=tmp_path / "cluster") as cluster:
-        assert [name.split("@")[0] for name in cluster.celery_workers()] == ["w1", "w2"]
+    with lc.LocalCeleryCluster((DAG_ID,), workers=2, concurrency=1, gpu_workers=1,
+                               gpu_concurrency=2, workdir=tmp_path / "cluster") as cluster:
+        assert [name.split("@")[0] for name in cluster.celery_workers()] == ["g1", "w1", "w2"]
         run_id = cluster.trigger(DAG_ID, {"loupe_root": str(root),
                                           "world_root": str(tiny_world), "model": MODEL})
         state = cluster.wait_run(DAG_ID, run_id, timeout_s=420)
@@ -55,7 +57,7 @@ def test_rollout_on_celery_with_two_workers_builds_shards_in_parallel(tiny_world
             "task_id = 'build_shard' AND key = 'return_value'", (DAG_ID, run_id)))
         plan = cluster.sql("SELECT value FROM xcom WHERE dag_id = %s AND run_id = %s AND "
                            "task_id = 'plan' AND key = 'return_value'", (DAG_ID, run_id))[0][0]
-        queue, timings = cluster.queue, dict(cluster.timings)
+        queue, gpu_queue, timings = cluster.queue, cluster.gpu_queue, dict(cluster.timings)
     wall = time.monotonic() - t0
     print(f"celery rollout: start-up {timings}, whole test {wall:.0f} s")
     for ti in tis:
@@ -68,10 +70,12 @@ def test_rollout_on_celery_with_two_workers_builds_shards_in_parallel(tiny_world
     for task in ("configure", "plan", "finalize_index", "canary", "cutover", "smoke_query"):
         assert states[(task, -1)] == "success", task
     assert [states[("embed_partition", i)] for i in range(8)] == ["success"] * 8
-    # every task went through this run's queue; each one that ran, on one of the two workers
-    assert {t["queue"] for t in tis} == {queue}
-    ran = [t for t in tis if t["state"] == "success"]
-    workers = {t["worker"].split("@")[0] for t in ran}
+    # re-embedding went to the GPU queue and its worker; everything else to w1 / w2
+    embeds = [t for t in tis if t["task_id"] == "embed_partition"]
+    rest = [t for t in tis if t["task_id"] != "embed_partition"]
+    assert {(t["queue"], t["worker"].split("@")[0]) for t in embeds} == {(gpu_queue, "g1")}
+    assert {t["queue"] for t in rest} == {queue}
+    workers = {t["worker"].split("@")[0] for t in rest if t["state"] == "success"}
     assert workers == {"w1", "w2"}, workers
     # the shard builds: in their pool, on different workers, at the same time
     shards = sorted((t for t in tis if t["task_id"] == "build_shard"),
