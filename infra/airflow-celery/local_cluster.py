@@ -23,6 +23,7 @@ another metadata DB); it talks to the metadata DB with plain SQL.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import glob
 import json
 import os
@@ -46,6 +47,8 @@ REPO = HERE.parents[1]
 ENV_FILE = HERE / "airflow.env"
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 REDIS_HOST, REDIS_PORT, REDIS_DB = "127.0.0.1", 6379, 13  # db 13: kept for these clusters
+DB_PREFIX = "loupe_airflow_"  # + <unix time>_<tag>: a run's metadata DB
+STALE_DB_S = 3600  # a run's DB older than this with no connection is left over: dropped
 
 
 class ClusterError(RuntimeError):
@@ -124,6 +127,34 @@ def _admin_sql(statement: str) -> None:
         conn.close()
 
 
+def drop_stale_databases(now: float | None = None) -> list[str]:
+    """Drop metadata DBs of earlier runs that were killed before their teardown: older than
+    STALE_DB_S and without a connection (a live cluster always holds some)."""
+    now = time.time() if now is None else now
+    conn = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT d.datname FROM pg_database d WHERE d.datname LIKE %s AND NOT "
+                        "EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname)",
+                        (DB_PREFIX + "%",))
+            names = [row[0] for row in cur.fetchall()]
+    finally:
+        conn.close()
+    stale = []
+    for name in names:
+        stamp = name[len(DB_PREFIX):].split("_")[0]
+        if stamp.isdigit() and now - int(stamp) > STALE_DB_S:
+            _admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            stale.append(name)
+    return stale
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the process that started it dies, so a
+    killed test run leaves no scheduler or worker behind (Linux prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -151,7 +182,7 @@ class LocalCeleryCluster:
         if self.workers < 1 or self.concurrency < 1 or self.gpu_workers < 0:
             raise ValueError("workers and concurrency must be >= 1, gpu_workers >= 0")
         self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="loupe-celery-"))
-        self.db = f"loupe_airflow_{self.run_tag}"
+        self.db = f"{DB_PREFIX}{int(time.time())}_{self.run_tag}"
         self.queue = f"loupe-{self.run_tag}"
         self.gpu_queue = f"{self.queue}-gpu"
         self.api_port = _free_port()
@@ -206,6 +237,7 @@ class LocalCeleryCluster:
         ensure_postgres()
         ensure_redis()
         redis.Redis(REDIS_HOST, REDIS_PORT, db=self.redis_db).ping()
+        drop_stale_databases()
         _admin_sql(f'CREATE DATABASE "{self.db}"')
         self.logs.mkdir(parents=True, exist_ok=True)
         self.dags_folder.mkdir(parents=True, exist_ok=True)
@@ -276,7 +308,8 @@ class LocalCeleryCluster:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
         self.procs[name] = subprocess.Popen(
             [str(Path(sys.executable).parent / "airflow"), *args], env=self._env,
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         log.close()
 
     def _check_alive(self) -> None:
