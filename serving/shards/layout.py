@@ -57,8 +57,9 @@ def shard_dir(version_dir: Path, shard_id: int) -> Path:
 
 
 def version_dir(index_root: Path, version: str) -> Path:
-    if not version or "/" in version or version.startswith("."):
-        raise ValueError(f"invalid index version id {version!r}")
+    if (not version or "/" in version or "\0" in version or version.startswith(".")
+            or len(version.encode()) > 255):  # 255: the longest file name Linux allows
+        raise ValueError(f"invalid index version id {version[:80]!r}")
     return Path(index_root) / VERSIONS / version
 
 

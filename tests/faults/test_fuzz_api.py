@@ -186,6 +186,8 @@ WORLD_PATHS = ["%00", "a%00.jpg", "images/scenes/x%00.jpg", "a" * 5000 + ".jpg",
                "images/" + "b" * 300 + "/c.jpg", "..%2f..%2fetc%2fpasswd",
                "%2e%2e/%2e%2e/etc/hostname.jpg", "images/scenes/", "tables/catalog.parquet"]
 
+ADMIN_VERSIONS = ["..", "a/b", "\x00", "v" * 5000, "current", "versions", " ", "é" * 200]
+
 
 def test_malformed_images_boxes_and_encodings_get_clear_4xx(fault_stack, counts):
     url = fault_stack.url
@@ -247,6 +249,12 @@ def test_malformed_images_boxes_and_encodings_get_clear_4xx(fault_stack, counts)
                                           r.text)))
         refused_ok.append(None if r.status_code == 404 else ("world", path[:30], r.status_code))
 
+    for version in ADMIN_VERSIONS:  # a hostile index version id: refused with 409
+        r = send(f"cutover to {version[:20]!r}", "/admin/cutover", json={
+            "index_version": version}, headers={"X-Admin-Token": fault_stack.admin_token})
+        refused_ok.append(None if r.status_code == 409 else ("cutover", version[:20],
+                                                              r.status_code))
+
     statuses = Counter(status for _, status, _ in results)
     server_errors = [(n, s) for n, s, _ in results if s >= 500]
     broken = [(n, p) for n, _, p in results if p]
@@ -254,7 +262,8 @@ def test_malformed_images_boxes_and_encodings_get_clear_4xx(fault_stack, counts)
                  f"{len(_odd_but_valid_images())} odd-but-valid images x 4 boxes, "
                  f"{len(BAD_BOXES)} bad boxes, {len(BAD_FORMS)} bad form fields, wrong "
                  "content types and broken multipart bodies, on /v1/search and /v1/detect; "
-                 f"{len(WORLD_PATHS)} hostile photo paths")
+                 f"{len(WORLD_PATHS)} hostile photo paths, {len(ADMIN_VERSIONS)} hostile "
+                 "index version ids to /admin/cutover")
     counts.add(fuzz_corpus_requests=len(results), fuzz_corpus_5xx=len(server_errors),
                fuzz_corpus_contract_breaks=len(broken))
     print("statuses:", dict(sorted(statuses.items())))
