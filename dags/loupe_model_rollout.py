@@ -1,12 +1,17 @@
-"""Model rollout: re-embed the catalog with one model version (one mapped task per catalog
-partition), build the index shards in parallel (one mapped task per shard, capped by the
-pool `loupe_shard_builds`), canary the new version, cut it over atomically and smoke-query
-what is live.
+"""Model rollout: install the model version in the Triton model repository (embedder +
+detector as Triton version N) while the catalog is re-embedded with it (one mapped task per
+catalog partition), build the index shards in parallel (one mapped task per shard, capped by
+the pool `loupe_shard_builds`), canary the new version, cut the index and the Triton model
+over together and smoke-query what is live.
 
 Triggered by hand (params: `model` = alias, registered version or `attributes/<seed>`;
-`n_shards`; `dry_run` builds and canaries but leaves live traffic alone) or by the champion
-asset a promoting `loupe_monthly_retrain` emits. A failing canary fails the run before the
-cutover, so the previous version stays live; `loupe_rollback` flips back after a cutover.
+`detector` = registered `loupe-detector/N`, default the newest; `n_shards`; `dry_run` builds,
+exports and canaries but leaves live traffic alone) or by the champion asset a promoting
+`loupe_monthly_retrain` emits. With serving attached (`api_url` + the admin token in
+Variable `loupe_admin_token` or $LOUPE_ADMIN_TOKEN) the cutover is the search API's
+/admin/cutover and the smoke query goes through its /v1/search; without, the pointer moves.
+A failing canary or export fails the run before the cutover, so the previous version stays
+live; `loupe_rollback` flips back after a cutover. Attribute vectors skip the Triton export.
 
 Configuration only: task bodies live in `pipelines/orchestration.py`.
 """
@@ -40,6 +45,9 @@ CHAMPION = Asset(CHAMPION_ASSET_URI)
         "model": Param("champion", type="string", description=(
             "alias (champion, challenger), registered version (loupe-embedder/3) or "
             "attributes/<seed> (model-free vectors, benchmarks)")),
+        "detector": Param(None, type=["null", "string"], description=(
+            "registered detector version (loupe-detector/2) Triton serves beside the "
+            "embedder; default: the newest registered")),
         "n_shards": Param(None, type=["null", "integer"], minimum=1,
                           description="shard count (default: params.yaml index.n_shards)"),
         "dry_run": Param(False, type="boolean",
@@ -104,13 +112,19 @@ def loupe_model_rollout():
         return finalize_index_once(plan["version_dir"], plan["n_shards"], {
             "embeddings_dir": plan["embeddings_dir"], "dag_run": dag_run.run_id})
 
+    @task(execution_timeout=timedelta(minutes=15))
+    def export_triton(config: dict, plan: dict, params=None) -> dict:
+        from pipelines.orchestration import LoupeConfig, export_triton
+
+        return export_triton(LoupeConfig(**config), plan["model_version"], params["detector"])
+
     @task(execution_timeout=timedelta(minutes=30))
     def canary(config: dict, plan: dict) -> dict:
         from pipelines.orchestration import LoupeConfig, run_canary
 
         return run_canary(LoupeConfig(**config), plan["index_version"], plan["model_version"])
 
-    @task(execution_timeout=timedelta(minutes=5))
+    @task(execution_timeout=timedelta(minutes=10), trigger_rule="none_failed")
     def cutover(config: dict, plan: dict, params=None) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
@@ -134,9 +148,10 @@ def loupe_model_rollout():
     built = build_shard.partial(config=config, plan=rollout).expand(
         shard=list_shards(rollout))
     embedded >> built
+    exported = export_triton(config, rollout)  # runs beside the re-embedding
     verdict = canary(config, rollout)
     built >> finalize_index(rollout) >> verdict
-    verdict >> cutover(config, rollout) >> smoke_query(config, rollout)
+    [verdict, exported] >> cutover(config, rollout) >> smoke_query(config, rollout)
 
 
 loupe_model_rollout()

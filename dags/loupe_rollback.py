@@ -1,6 +1,8 @@
 """Rollback (manual): point the live index back at the previous version in one step, then
 smoke-query it. The previous version's shards and Triton model stay loaded and warm for a
-while after a cutover, so serving flips without a reload.
+while after a cutover, so serving flips without a reload. With serving attached (`api_url`
++ admin token, as for `loupe_model_rollout`) the flip is the search API's /admin/rollback,
+which moves the model and the index together, and the smoke query goes through its search.
 
 Configuration only: task bodies live in `pipelines/orchestration.py`.
 """

@@ -9,6 +9,9 @@ Configuration of a run: every path comes from the run's params, else an Airflow 
 `loupe_<key>`, else an environment variable, else a default derived from `LOUPE_ROOT` (the
 repository) and params.yaml's `world.size`. `configure` resolves it once per run and the
 other tasks receive the resolved strings, so a run never mixes two configurations.
+`api_url` attaches a running search API (serving/api/app.py) that serves this `index_root` and
+`triton_repo`: cutover and rollback then go through its admin endpoints (the token comes from
+the Variable `loupe_admin_token` or $LOUPE_ADMIN_TOKEN, read by the task, never in XCom).
 
 Idempotency: outputs go to run-scoped paths (`<runs_dir>/airflow/<dag_id>/<run>/`) or to
 versioned directories whose name derives from the run, written through temp-and-rename by the
@@ -47,7 +50,12 @@ CONFIG_ENV = {
     "index_root": "LOUPE_INDEX_ROOT",
     "mlflow_tracking_uri": "MLFLOW_TRACKING_URI",
     "change_feed": "LOUPE_CHANGE_FEED",
+    "triton_repo": "LOUPE_TRITON_REPO",
+    "api_url": "LOUPE_API_URL",
 }
+ADMIN_TOKEN_VARIABLE = "loupe_admin_token"  # or $LOUPE_ADMIN_TOKEN; never in XCom or logs
+ADMIN_TOKEN_ENV = "LOUPE_ADMIN_TOKEN"
+DETECTOR_MODEL = "loupe-detector"
 
 
 class CanaryFailed(ValueError):
@@ -62,6 +70,10 @@ class NothingLive(LookupError):
     """No index version has been cut over yet, so there is nothing to maintain or watch."""
 
 
+class ServingUnavailable(RuntimeError):
+    """The attached search API did not answer (down, restarting, 5xx): worth a retry."""
+
+
 # --------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class LoupeConfig:
@@ -74,6 +86,8 @@ class LoupeConfig:
     index_root: str
     mlflow_tracking_uri: str
     change_feed: str
+    triton_repo: str
+    api_url: str | None = None  # the live search API; None: no serving attached
 
     @property
     def world(self) -> Path:
@@ -97,7 +111,7 @@ class LoupeConfig:
 
     @property
     def triton_repository(self) -> Path:
-        return self.runs / "triton"
+        return Path(self.triton_repo)
 
     def run_dir(self, dag_id: str, run_id: str) -> Path:
         """Where one DAG run writes: re-running its tasks rewrites the same files."""
@@ -141,7 +155,9 @@ def resolve_config(params: Mapping[str, Any], variables: Mapping[str, Any] | Non
         index_root=str(pick("index_root") or runs / "index"),
         mlflow_tracking_uri=resolve_tracking_uri(
             pick("mlflow_tracking_uri") or f"sqlite:///{root / 'mlflow.db'}"),
-        change_feed=str(pick("change_feed") or runs / "change_feed.sqlite"))
+        change_feed=str(pick("change_feed") or runs / "change_feed.sqlite"),
+        triton_repo=str(pick("triton_repo") or runs / "triton"),
+        api_url=(pick("api_url") or "").rstrip("/") or None)
 
 
 def configure_run(params: Mapping[str, Any]) -> dict[str, str]:
@@ -163,8 +179,10 @@ def config_params() -> dict[str, Any]:
     from airflow.sdk import Param
 
     return {key: Param(None, type=["null", "string"],
-                       description=f"default: Variable {VARIABLE_PREFIX}{key}, "
-                                   f"${env}, else derived from LOUPE_ROOT")
+                       description=f"default: Variable {VARIABLE_PREFIX}{key}, ${env}, else "
+                                   + ("none: no serving attached, cutover moves the index "
+                                      "pointer only" if key == "api_url"
+                                      else "derived from LOUPE_ROOT"))
             for key, env in CONFIG_ENV.items()}
 
 
@@ -362,23 +380,105 @@ def catalog_embed_fn(cfg: LoupeConfig, model_version: str):
     return registered_embed_fn(cfg, model_version)
 
 
-def registered_embed_fn(cfg: LoupeConfig, model_version: str):
-    """Catalog photos through a registered embedder's exported graph (fetched from the
-    registry once per version into runs/models/), whole photo: a listing photo shows one
-    product, as in training and evaluation."""
-    from models.export import ExportedEmbedder
-    from pipelines.evaluate import embed_fn_from_model
+def fetch_registered(cfg: LoupeConfig, model_version: str) -> Path:
+    """A registered version's exported files in `<runs>/models/<version>/`, fetched once.
+
+    Each caller downloads into its own temp dir and renames it into place, so parallel tasks
+    (mapped partitions, the Triton export) never see or write a half-fetched directory.
+    """
+    import tempfile
+
     from pipelines.registry import RegistryConfig, download_model
 
     local = cfg.runs / "models" / slug(model_version)
-    if not (local / "embedder.json").is_file():
-        fetched = download_model(RegistryConfig(cfg.mlflow_tracking_uri), model_version,
-                                 local.with_name(local.name + ".download"))
-        if local.exists():
-            shutil.rmtree(local)
-        fetched.replace(local)
-        shutil.rmtree(local.with_name(local.name + ".download"), ignore_errors=True)
-    return embed_fn_from_model(ExportedEmbedder(local), cfg.world)
+    if local.is_dir():
+        return local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.", dir=local.parent))
+    try:
+        fetched = download_model(RegistryConfig(cfg.mlflow_tracking_uri), model_version, tmp)
+        try:
+            fetched.rename(local)
+        except OSError:
+            if not local.is_dir():  # not lost to a concurrent fetch of the same version
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
+def registered_embed_fn(cfg: LoupeConfig, model_version: str):
+    """Catalog photos through a registered embedder's exported graph, whole photo: a listing
+    photo shows one product, as in training and evaluation."""
+    from models.export import ExportedEmbedder
+    from pipelines.evaluate import embed_fn_from_model
+
+    return embed_fn_from_model(ExportedEmbedder(fetch_registered(cfg, model_version)),
+                               cfg.world)
+
+
+def resolve_detector(spec: str | None, tracking_uri: str) -> str:
+    """The registered detector a rollout installs beside the embedder: the named
+    `loupe-detector/N`, else the newest registered version."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.registry import parse_model_version
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if spec is not None and str(spec).strip():
+        ref = parse_model_version(str(spec).strip())
+        if ref.name != DETECTOR_MODEL:
+            raise ValueError(f"detector must be a version of {DETECTOR_MODEL!r} "
+                             f"('{DETECTOR_MODEL}/N'), got {spec!r}")
+        try:
+            client.get_model_version(ref.name, ref.version)
+        except MlflowException as err:
+            raise ValueError(f"detector {ref.model_version} is not registered in "
+                             f"{tracking_uri}: {err.message}") from err
+        return ref.model_version
+    versions = [int(mv.version) for mv in
+                client.search_model_versions(f"name='{DETECTOR_MODEL}'")]
+    if not versions:
+        raise ValueError(f"no {DETECTOR_MODEL} version is registered in {tracking_uri}, and "
+                         "Triton serves the detector beside the embedder: train one "
+                         "(`loupe train-detector`), register it "
+                         "(pipelines.train_detector.register_detector), or name one with the "
+                         "`detector` param")
+    return f"{DETECTOR_MODEL}/{max(versions)}"
+
+
+def export_triton(cfg: LoupeConfig, model_version: str, detector: str | None) -> dict:
+    """Install the rollout's embedder and detector as Triton version N (N = the embedder's
+    registry number) before anything goes live, so the cutover only has to load it.
+
+    Versions are immutable: a re-run finds the same files and writes nothing; a version N
+    that holds other bytes (another registry's N) is an error, never served silently.
+    """
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from serving.shards.layout import sha256_file
+    from serving.triton import repository
+
+    if is_attribute_model(model_version):
+        raise AirflowSkipException(f"{model_version}: model-free attribute vectors have no "
+                                   "model for Triton to serve")
+    detector_version = resolve_detector(detector, cfg.mlflow_tracking_uri)
+    sources = {"embedder": fetch_registered(cfg, model_version),
+               "detector": fetch_registered(cfg, detector_version)}
+    number = repository.add_version(cfg.triton_repository, model_version,
+                                    sources["embedder"], sources["detector"], detector_version)
+    for name, src in sources.items():
+        installed = cfg.triton_repository / name / str(number)
+        for f in sorted(p for p in src.rglob("*") if p.is_file()):
+            there = installed / f.relative_to(src)
+            if not there.is_file() or sha256_file(there) != sha256_file(f):
+                raise ValueError(f"Triton version {number} in {cfg.triton_repository} holds "
+                                 f"another {name} than registered {model_version} / "
+                                 f"{detector_version} ({there.name} differs); refusing to "
+                                 "serve it: point triton_repo at this registry's repository")
+    return {"model_version": model_version, "detector_version": detector_version,
+            "triton_version": number, "triton_repo": str(cfg.triton_repository)}
 
 
 # --------------------------------------------------------------------------- rollout
@@ -466,18 +566,108 @@ def run_canary(cfg: LoupeConfig, index_version: str, model_version: str) -> dict
     return {"index_version": index_version, "passed": True, "metrics": verdict.metrics}
 
 
+# --------------------------------------------------------------------------- serving
+def admin_token() -> str:
+    """The search API's admin token: Airflow Variable `loupe_admin_token`, else
+    $LOUPE_ADMIN_TOKEN. Masked in task logs; callers never return it through XCom."""
+    from airflow.sdk import Variable
+    from airflow.sdk.log import mask_secret
+
+    token = Variable.get(ADMIN_TOKEN_VARIABLE, default=None) or os.environ.get(ADMIN_TOKEN_ENV)
+    if not token:
+        raise ValueError(f"serving is attached (api_url) but no admin token is set: Variable "
+                         f"{ADMIN_TOKEN_VARIABLE} or ${ADMIN_TOKEN_ENV}")
+    mask_secret(token)
+    return token
+
+
+def call_api(cfg: LoupeConfig, method: str, path: str, token: str | None = None,
+             body: Mapping[str, Any] | None = None, timeout_s: float = 30.0) -> dict:
+    """One call to the attached search API. A refusal (4xx: bad token, unknown or failing
+    version) is a ValueError, not retried; no answer or a 5xx is ServingUnavailable."""
+    import httpx
+
+    headers = {"X-Admin-Token": token} if token else {}
+    try:
+        r = httpx.request(method, f"{cfg.api_url}{path}", json=body, headers=headers,
+                          timeout=timeout_s)
+    except httpx.HTTPError as err:
+        raise ServingUnavailable(f"{method} {cfg.api_url}{path}: {err!r}") from err
+    if 400 <= r.status_code < 500:
+        raise ValueError(f"{method} {cfg.api_url}{path} refused ({r.status_code}): "
+                         f"{r.text[:500]}")
+    if r.status_code != 200:
+        raise ServingUnavailable(f"{method} {cfg.api_url}{path} answered {r.status_code}: "
+                                 f"{r.text[:500]}")
+    return r.json()
+
+
+def _switched(answer: Mapping[str, Any]) -> dict:
+    """The API's switch answer as a move record (the pointer entry + what serves it)."""
+    return {**answer["switched"], "via": "api", "model_version": answer["model_version"],
+            "triton_version": answer["triton_version"]}
+
+
 def cutover_once(cfg: LoupeConfig, index_version: str) -> dict:
-    """Point `current` at the version (previous kept for rollback); a no-op if it already is."""
+    """Make the version live; a no-op if it already is.
+
+    Serving attached (`api_url`): the API's POST /admin/cutover loads the Triton version the
+    index names, re-points the shard replicas and moves the pointer as one switch, so the
+    model and the index go live together. Not attached: the pointer moves (previous kept for
+    rollback) and the Triton repository is set to serve the new model version beside the
+    live one, so a serving stack started on it serves what is live.
+    """
     from pipelines.index import cutover
     from serving.shards import layout
 
-    if layout.pointer(cfg.index, layout.CURRENT) == index_version:
-        return {"action": "cutover", "to": index_version, "already_live": True}
-    return cutover(cfg.index, index_version)
+    if cfg.api_url:
+        live = call_api(cfg, "GET", "/readyz")
+        if live["index_version"] == index_version:
+            return {"action": "cutover", "to": index_version, "already_live": True,
+                    "via": "api", "model_version": live["model_version"]}
+        return _switched(call_api(cfg, "POST", "/admin/cutover", admin_token(),
+                                  {"index_version": index_version}, timeout_s=300))
+    live = layout.pointer(cfg.index, layout.CURRENT)
+    if live == index_version:
+        return {"action": "cutover", "to": index_version, "already_live": True,
+                "via": "pointer"}
+    served = _serve_in_triton(cfg, [v for v in (live, index_version) if v is not None])
+    moved = cutover(cfg.index, index_version)
+    return {**moved, "via": "pointer", "triton_versions": served,
+            "serving": "not attached (no api_url): moved the index pointer only"}
+
+
+def _serve_in_triton(cfg: LoupeConfig, index_versions: Sequence[str]) -> list[int]:
+    """Point the Triton repository's configs at the model versions these indexes name
+    (attribute vectors have none); a missing Triton version is an error before any move."""
+    from serving.shards import layout
+    from serving.triton import repository
+
+    models = [layout.read_manifest(layout.version_dir(cfg.index, v))["model_version"]
+              for v in index_versions]
+    numbers = [repository.triton_version(m) for m in models if not is_attribute_model(m)]
+    if not numbers:
+        return []
+    installed = set(repository.installed_versions(cfg.triton_repository))
+    if numbers[-1] not in installed:
+        raise ValueError(f"{models[-1]} is not installed in the Triton repository "
+                         f"{cfg.triton_repository} (the rollout's export_triton installs it)")
+    return repository.serve_versions(cfg.triton_repository,
+                                     [n for n in numbers if n in installed])
 
 
 def smoke_query(cfg: LoupeConfig, index_version: str, probes_per_shard: int = 5,
                 k: int = 10) -> dict:
+    """Listings of every shard must find themselves in `index_version`: through the live
+    search API when serving is attached (Triton embeds, replicas answer), else through the
+    shard store directly."""
+    if cfg.api_url:
+        return smoke_query_api(cfg, index_version, probes_per_shard, k)
+    return smoke_query_shards(cfg, index_version, probes_per_shard, k)
+
+
+def smoke_query_shards(cfg: LoupeConfig, index_version: str, probes_per_shard: int = 5,
+                       k: int = 10) -> dict:
     """Query every shard the way a shard server does after the pointer moved (ShardStore:
     follows `current`, verifies checksums, applies the delta, guards the model version) with
     listings of that shard; each must come back from `index_version` and find itself."""
@@ -514,6 +704,56 @@ def smoke_query(cfg: LoupeConfig, index_version: str, probes_per_shard: int = 5,
             "self_hits": found}
 
 
+def smoke_query_api(cfg: LoupeConfig, index_version: str, probes_per_shard: int = 5,
+                    k: int = 10) -> dict:
+    """The live API must be ready on `index_version` and its model, and the photo of each
+    probe listing (available ones: the API filters sold items out; whole photo, as the
+    catalog is embedded) must come back from that pair, complete, with itself among the
+    results: the full query path, Triton included."""
+    import httpx
+    import pandas as pd
+
+    from pipelines.index import load_version
+
+    manifest, shards = load_version(cfg.index, index_version, verify=False)
+    model = manifest["model_version"]
+    ready = call_api(cfg, "GET", "/readyz")
+    if (ready["model_version"], ready["index_version"]) != (model, index_version):
+        raise HealthBreach(f"the API serves {ready['model_version']} / "
+                           f"{ready['index_version']}, not {model} / {index_version}")
+    catalog = pd.read_parquet(cfg.world / "tables" / "catalog.parquet",
+                              columns=["item_id", "image_path", "available"])
+    photos = catalog.set_index("item_id")["image_path"]
+    listed = set(catalog.loc[catalog["available"], "item_id"])  # the API drops sold items
+    probes: list[str] = []
+    for shard in shards:
+        probes += [i for i in map(str, shard.ids) if i in listed][:probes_per_shard]
+    found = 0
+    with httpx.Client(base_url=cfg.api_url, timeout=30.0) as client:
+        for item in probes:
+            image = (cfg.world / photos[item]).read_bytes()
+            try:
+                r = client.post("/v1/search", files={"image": ("probe.jpg", image)},
+                                data={"box": "0,0,1,1", "k": str(k)})
+            except httpx.HTTPError as err:
+                raise ServingUnavailable(f"POST {cfg.api_url}/v1/search: {err!r}") from err
+            if r.status_code != 200:
+                raise HealthBreach(f"smoke search for {item} answered {r.status_code}: "
+                                   f"{r.text[:300]}")
+            body = r.json()
+            if (body["model_version"], body["index_version"]) != (model, index_version) \
+                    or body["partial"]:
+                raise HealthBreach(f"smoke search for {item} came from "
+                                   f"{body['model_version']} / {body['index_version']} "
+                                   f"(partial: {body['partial']})")
+            found += any(hit["item_id"] == item for hit in body["items"])
+    if found < len(probes):
+        raise HealthBreach(f"smoke search on {index_version} through {cfg.api_url}: only "
+                           f"{found} of {len(probes)} listings found themselves")
+    return {"index_version": index_version, "model_version": model, "via": "api",
+            "queries": len(probes), "self_hits": found}
+
+
 # --------------------------------------------------------------------------- index upkeep
 def live_index_version(cfg: LoupeConfig) -> str:
     from serving.shards import layout
@@ -548,9 +788,15 @@ def prune_delta_rows(cfg: LoupeConfig) -> dict:
 
 
 def rollback_live(cfg: LoupeConfig) -> dict:
+    """One step back: through the API's /admin/rollback when serving is attached (the model
+    and the index flip together), else the pointer alone."""
     from pipelines.index import rollback
 
-    return rollback(cfg.index)
+    if cfg.api_url:
+        return _switched(call_api(cfg, "POST", "/admin/rollback", admin_token(),
+                                  timeout_s=300))
+    return {**rollback(cfg.index), "via": "pointer",
+            "serving": "not attached (no api_url): moved the index pointer only"}
 
 
 # --------------------------------------------------------------------------- streaming ingest

@@ -128,6 +128,14 @@ def test_rollout_is_asset_scheduled_mapped_and_pooled(dagbag):
              "canary", "cutover", "smoke_query"]
     for up, down in zip(chain, chain[1:], strict=False):
         assert up in tasks[down].upstream_task_ids, (up, down)
+    # the Triton export runs beside the re-embedding and gates the cutover; a skipped export
+    # (attribute vectors) does not skip the cutover, a failed one stops it
+    assert {"plan"} <= tasks["export_triton"].upstream_task_ids
+    assert not {"embed_partition", "build_shard", "canary"} & \
+        tasks["export_triton"].upstream_task_ids
+    assert {"export_triton", "canary"} <= tasks["cutover"].upstream_task_ids
+    assert tasks["cutover"].trigger_rule == "none_failed"
+    assert rollout.params["detector"] is None
     pools = json.loads((DAGS / "pools.json").read_text())
     assert pools[SHARD_BUILD_POOL]["slots"] >= 1 and pools[SHARD_BUILD_POOL]["description"]
     used = {t.pool for d in dagbag.dags.values() for t in d.tasks} - {"default_pool"}

@@ -113,7 +113,8 @@ def pointers(cfg: LoupeConfig) -> tuple[str | None, str | None]:
 
 
 # --------------------------------------------------------------------------- retrain
-def test_retrain_harvests_trains_evaluates_registers_and_promotes(dags, tiny_world, tmp_path):
+def test_retrain_harvests_trains_evaluates_registers_and_promotes(dags, tiny_world, tmp_path,
+                                                                  tiny_detector):
     dr = run(dags, "loupe_monthly_retrain", tmp_path, tiny_world,
              params_file=str(params_file(tmp_path, train={"max_epochs": 3, "views": 2})))
     assert dr.state == "success", states(dr)
@@ -162,8 +163,10 @@ def test_retrain_harvests_trains_evaluates_registers_and_promotes(dags, tiny_wor
         events = [e for e in session.query(AssetEvent).all()
                   if e.source_run_id == dr.run_id]
     assert [e.extra["model_version"] for e in events] == ["loupe-embedder/1"]
-    # the champion rolls out: catalog re-embedded by the registered graph, canary with rater
-    # queries, cutover; shards and manifest carry the registry's model version
+    # the champion rolls out: installed in Triton with the registered detector, catalog
+    # re-embedded by the registered graph, canary with rater queries, cutover; shards,
+    # manifest and Triton version carry the registry's model version
+    detector = tiny_detector.register(cfg.mlflow_tracking_uri)
     rollout = run(dags, "loupe_model_rollout", tmp_path, tiny_world, model="champion",
                   params_file=str(params_file(tmp_path, train={"max_epochs": 3, "views": 2})))
     assert rollout.state == "success", states(rollout)
@@ -172,6 +175,10 @@ def test_retrain_harvests_trains_evaluates_registers_and_promotes(dags, tiny_wor
     live = layout.pointer(cfg.index, layout.CURRENT)
     manifest = json.loads((layout.version_dir(cfg.index, live) / "manifest.json").read_text())
     assert manifest["model_version"] == "loupe-embedder/1"
+    assert xcom(rollout, "export_triton") == {
+        "model_version": "loupe-embedder/1", "detector_version": detector,
+        "triton_version": 1, "triton_repo": str(cfg.triton_repository)}
+    assert xcom(rollout, "cutover")["triton_versions"] == [1]
 
 
 def test_corrupted_impressions_stop_the_retrain_before_training(dags, tiny_world, tmp_path):
@@ -218,6 +225,7 @@ def test_rollout_embeds_builds_canaries_and_cuts_over(live, tiny_world):
     assert dr.state == "success", states(dr)
     s = states(dr)
     assert s["embed_partition"] == ["success"] * 8 and s["build_shard"] == ["success"] * 2
+    assert s["export_triton"] == "skipped"  # attribute vectors have no model to serve
     plan = xcom(dr, "plan")
     cfg = config(root, tiny_world)
     assert plan["model_version"] == MODEL and plan["n_shards"] == 2
@@ -236,6 +244,9 @@ def test_rollout_embeds_builds_canaries_and_cuts_over(live, tiny_world):
                .splitlines()]
     assert history == [{**history[0], "action": "cutover", "from": None,
                         "to": plan["index_version"]}]
+    moved = xcom(dr, "cutover")
+    assert (moved["via"], moved["triton_versions"]) == ("pointer", [])
+    assert moved["serving"].startswith("not attached")
 
 
 def test_canary_failure_fails_the_rollout_and_leaves_live_untouched(dags, live, tiny_world,
@@ -467,6 +478,11 @@ def test_config_resolution_order(tmp_path):
     assert cfg.world_root == str(tmp_path / "data" / "demo")
     assert cfg.index_root == str(tmp_path / "runs" / "demo" / "index")
     assert cfg.mlflow_tracking_uri == "sqlite:///env.db"
+    assert cfg.triton_repo == str(tmp_path / "runs" / "demo" / "triton")
+    assert cfg.api_url is None  # no serving attached unless configured
+    cfg = resolve_config({}, {"api_url": "http://127.0.0.1:8000/"},
+                         {**env, "LOUPE_TRITON_REPO": "/srv/triton"})
+    assert (cfg.api_url, cfg.triton_repository) == ("http://127.0.0.1:8000", Path("/srv/triton"))
     cfg = resolve_config({"runs_dir": None}, {"runs_dir": "/var/loupe/runs"}, env)
     assert cfg.index_root == "/var/loupe/runs/index"
     cfg = resolve_config({"runs_dir": "/mnt/r"}, {"runs_dir": "/var/loupe/runs"}, env)
