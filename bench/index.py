@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import threading
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "bench_index.json")
     args = ap.parse_args(argv)
     threads = faiss.omp_get_max_threads()
+    load_start = os.getloadavg()  # the machine is shared: throughput numbers depend on it
     params = IndexParams.load()
     work = args.work
     world = large_catalog(work)
@@ -317,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         "inserts_per_s": streaming["inserts_per_s"],
         "ingest_to_searchable_p95_s": streaming["ingest_to_searchable_p95_s"],
         "embed_seconds": embed_s, "canary": verdict.metrics, "ivfpq": pq,
+        "loadavg": {"start": [round(x, 2) for x in load_start],
+                    "end": [round(x, 2) for x in os.getloadavg()]},
         "streaming": streaming, "shards": shards,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ def aggregate(index: dict, serve: dict, rollout: dict, reembed: dict, gpu: dict)
             "hnswlib_qps_at_equal_recall", "qps_ratio_vs_hnswlib", "bytes_per_vector_hnsw",
             "bytes_per_vector_pq", "hnswlib_bytes_per_vector")}
         | {"recall_at_10_pq": index["ivfpq"]["recall_at_10"], "qps_per_shard_pq":
-           index["ivfpq"]["qps"]},
+           index["ivfpq"]["qps"], "loadavg": index.get("loadavg", "not recorded")},
         "streaming": {"inserts_per_s": index["inserts_per_s"],
                       "ingest_to_searchable_p50_s":
                           index["streaming"]["ingest_to_searchable_p50_s"],
@@ -112,7 +112,7 @@ def markdown(report: dict) -> str:
     lines += _table(["concurrency", *procs, "cores used"],
                     [(c, *(s["cpu_ms_per_query"][c][p] for p in procs),
                       f"{s['cores_used_share'][c]:.0%}") for c in CONCURRENCY])
-    lines += ["## Index (per shard, one thread)", ""]
+    lines += [f"## Index (per shard, one thread; load average {ix['loadavg']})", ""]
     lines += _table(["metric", "value"], [
         ("items / shards", f"{ix['items']} / {ix['n_shards']}"),
         ("recall@10 vs exact, HNSW fp16", ix["recall_at_10"]),
