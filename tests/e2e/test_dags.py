@@ -494,7 +494,7 @@ def test_config_resolution_order(tmp_path):
 
 def test_rollout_model_spec_resolves_aliases_versions_and_the_promoted_one(tmp_path):
     from pipelines import registry as reg
-    from pipelines.orchestration import resolve_model
+    from pipelines.orchestration import resolve_detector, resolve_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(ValueError, match="no version of 'loupe-embedder' has the alias"):
@@ -520,6 +520,13 @@ def test_rollout_model_spec_resolves_aliases_versions_and_the_promoted_one(tmp_p
         resolve_model("attributes/x", uri)
     with pytest.raises(ValueError, match="must look like"):
         resolve_model("latest", uri)
+    # the detector Triton serves beside the embedder must be registered too
+    with pytest.raises(ValueError, match="no loupe-detector version is registered"):
+        resolve_detector(None, uri)
+    with pytest.raises(ValueError, match="must be a version of 'loupe-detector'"):
+        resolve_detector("loupe-embedder/1", uri)
+    with pytest.raises(ValueError, match="loupe-detector/3 is not registered"):
+        resolve_detector("loupe-detector/3", uri)
 
 
 def test_airflow_run_cli_reports_per_task_times_and_creates_pools(tmp_path):

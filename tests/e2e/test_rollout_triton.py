@@ -216,14 +216,3 @@ def test_attached_rollout_switches_model_and_index_together_canary_fail_and_roll
     finally:
         Variable.delete("loupe_admin_token")
 
-
-def test_rollout_needs_a_registered_detector(tmp_path):
-    from pipelines.orchestration import resolve_detector
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with pytest.raises(ValueError, match="no loupe-detector version is registered"):
-        resolve_detector(None, uri)
-    with pytest.raises(ValueError, match="must be a version of 'loupe-detector'"):
-        resolve_detector("loupe-embedder/1", uri)
-    with pytest.raises(ValueError, match="loupe-detector/3 is not registered"):
-        resolve_detector("loupe-detector/3", uri)
