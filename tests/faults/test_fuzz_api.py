@@ -17,7 +17,7 @@ import requests
 from PIL import Image
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.slow]
-EXAMPLES = 40  # per operation and generation mode
+EXAMPLES = 30  # per operation and generation mode
 
 
 def _refusal_problems(status: int, content_type: str, text: str) -> str | None:

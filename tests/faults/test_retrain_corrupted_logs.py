@@ -3,9 +3,10 @@ GE contracts, real MLflow on SQLite): every corruption stops the run at `validat
 on its first try, before harvesting or training, and nothing reaches MLflow.
 
 The null-position case is in tests/e2e/test_dags.py and every expectation has a unit test
-in tests/data/test_contracts.py; here, one DAG run (~12 s each) per way an export goes
-wrong as a whole: a truncated file, a dropped column, and items the catalog does not
-know. Each bad file must end in quarantine with its report.
+in tests/data/test_contracts.py; here, one DAG run (~12 s each) for each of two ways an
+export goes wrong as a whole: a truncated file (unreadable), and rows naming items the
+catalog does not know (readable, contract broken). Each bad file must end in quarantine
+with its report.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ def _corruptions(table: pa.Table, raw: bytes) -> dict[str, bytes | pa.Table]:
     items[every] = "ghost-item"
     return {
         "truncated parquet": raw[: len(raw) // 2],
-        "column dropped": table.drop_columns(["clicked"]),
         "unknown item ids": _replace(table, "item_id", items),
     }
 
