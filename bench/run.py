@@ -89,20 +89,24 @@ def _table(head, rows) -> list[str]:
 def markdown(report: dict) -> str:
     s, ix, st = report["serving"], report["index"], report["streaming"]
     lines = ["# Loupe benchmarks (`make bench`, large world)", "",
-             f"Machine: {report['machine']['cores']} cores, shared; load average during the "
-             f"serving run: {report['machine']['serve_loadavg']['1']['before']} (c=1 start).",
+             f"Machine: {report['machine']['cores']} cores, shared with other work; load "
+             f"average (1/5/15 min) at the start of each serving level: " + ", ".join(
+                 f"c={c} {report['machine']['serve_loadavg'][c]['before']}"
+                 for c in CONCURRENCY) + ".",
              "", "## Serving: POST /v1/search end to end", "", s["what"] + ".",
              f"Index: {s['index']}. Queries: {s['queries']}.", ""]
     lines += _table(["concurrency", "p50 ms", "p95 ms", "p99 ms", "QPS"],
-                    [(c, *(s["latency"][c][k] for k in ("p50_ms", "p95_ms", "p99_ms", "qps")))
+                    [(c, *(f"{s['latency'][c][k]:.1f}" for k in ("p50_ms", "p95_ms", "p99_ms",
+                                                                   "qps")))
                      for c in CONCURRENCY])
     lines += ["Per stage (API timings; p50 / p95 ms):", ""]
     lines += _table(["concurrency", *(x.removesuffix("_ms") for x in STAGES)],
-                    [(c, *(f"{s['stages_p50_ms'][c][x]} / {s['stages_p95_ms'][c][x]}"
+                    [(c, *(f"{s['stages_p50_ms'][c][x]:.1f} / {s['stages_p95_ms'][c][x]:.1f}"
                            for x in STAGES)) for c in CONCURRENCY])
     lines += [f"Models + ANN alone: {s['alone_cpu_ms_per_query']} CPU ms per query -> "
               f"compute_bound_qps {s['compute_bound_qps']}; qps_c8 / compute_bound = "
-              f"{s['qps_c8_over_compute_bound']}. Aims: {s['aims']}.",
+              f"{s['qps_c8_over_compute_bound']}. Aims: " + "; ".join(
+                  f"{k}: {'met' if v else 'NOT met'}" for k, v in s["aims"].items()) + ".",
               f"The whole stack spends {s['machinery_cpu_ms_per_query_c8']} CPU ms per query "
               f"beyond the models and the ANN (c=8), which alone caps it at "
               f"{s['stack_cpu_bound_qps_c8']} QPS on these cores.", "",

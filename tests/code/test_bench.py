@@ -57,7 +57,8 @@ def _serve() -> dict:
     for lv in levels.values():
         lv["cpu_ms_per_query"] = {"api": 5.0, "triton": 12.0}
         lv["cpu_utilization"] = 0.5
-    return {"cores": 2, "loadavg": {"1": {"before": [1.0, 1.0, 1.0]}}, "what": "search",
+    return {"cores": 2, "loadavg": {c: {"before": [1.0, 1.0, 1.0]} for c in CONCURRENCY},
+            "what": "search",
             "index": "large", "queries": "scenes", "levels": levels,
             "stages": {c: lv["stages"] for c, lv in levels.items()},
             "alone": {"total_cpu_ms_per_query": 10.0}, "compute_bound_qps": 200.0,
@@ -93,3 +94,4 @@ def test_aggregate_and_markdown():
     assert "| embed_partition | 1 | 3.0 | 3.0 |" in md
     assert "| 4 | 5.0 | 12.0 | 50% |" in md
     assert "GPU variant skipped: no GPU" in md
+    assert "p95_ms_c1_le_50: met" in md and "c=8 [1.0, 1.0, 1.0]" in md
