@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -47,6 +48,7 @@ def run(work: Path, reps: int = 3, threads: int = 2) -> dict:
         embed_fn(paths, None)
         alone.append(len(paths) / (time.perf_counter() - t0))
     out, rates, n = work / "reembed", [], 0
+    load_start = os.getloadavg()
     for _ in range(reps):
         shutil.rmtree(out, ignore_errors=True)  # a finished run would be resumed, not redone
         t0 = time.perf_counter()
@@ -60,6 +62,8 @@ def run(work: Path, reps: int = 3, threads: int = 2) -> dict:
             "passes_images_per_s": [round(r, 1) for r in rates],
             "embedder_only_images_per_s": round(max(alone), 1), "ort_threads": threads,
             "batch_size": params.batch_size, "validate": params.validate,
+            "loadavg": {"start": [round(x, 2) for x in load_start],
+                        "end": [round(x, 2) for x in os.getloadavg()]},
             "what": "tiny-world catalog photos through reembed() with the exported "
                     "frozen-baseline embedder (onnxruntime, CPU)"}
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -54,6 +55,7 @@ def run(work: Path) -> dict:
     conf = {"loupe_root": str(root), "world_root": str(world), "model": "attributes/0",
             "mlflow_tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}
     root.mkdir(parents=True)
+    load_start = os.getloadavg()  # shared machine: wall times depend on it
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "loupe"), "airflow-run", "loupe_model_rollout",
          "--conf", json.dumps(conf), "--airflow-home", str(work / "airflow_home"),
@@ -69,7 +71,9 @@ def run(work: Path) -> dict:
     return {"dag_id": summary["dag_id"], "state": summary["state"],
             "items": int(len(pd.read_parquet(world / "tables" / "catalog.parquet"))),
             "model": "attributes/0", "executor": "dag.test() (tasks in sequence)",
-            "wall_seconds": summary["wall_seconds"], "stages": stage_times(summary["tasks"])}
+            "wall_seconds": summary["wall_seconds"], "stages": stage_times(summary["tasks"]),
+            "loadavg": {"start": [round(x, 2) for x in load_start],
+                        "end": [round(x, 2) for x in os.getloadavg()]}}
 
 
 def main(argv: list[str] | None = None) -> int:

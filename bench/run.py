@@ -134,7 +134,8 @@ def markdown(report: dict) -> str:
                                              f"{st['ingest_to_searchable_p95_s']:.3f}")])
     ro = report["rollout"]
     lines += [f"## Rollout DAG ({ro['dag_id']}, {ro['items']} items, {ro['model']}, "
-              f"{ro['executor']}): {ro['wall_seconds']:.0f} s", ""]
+              f"{ro['executor']}): {ro['wall_seconds']:.0f} s; load average "
+              f"{ro.get('loadavg', 'not recorded')}", ""]
     lines += _table(["stage", "tasks", "sum s", "max s (parallel wall)"],
                     [(k, v["tasks"], v["sum_s"], v["max_s"]) for k, v in ro["stages"].items()])
     re = report["reembed"]
