@@ -11,8 +11,11 @@ identified up to scale, so position 1 is the reference (theta_1 = 1). A decreasi
 (pool-adjacent-violators) removes noise that contradicts "lower is examined less".
 
 Click and save pairs are then weighted by the clipped inverse propensity of the position they
-were clicked at (IPS); the naive variant keeps the same rows with weight 1, so training can
-compare the two on identical data.
+were clicked at (IPS), self-normalised to mean 1 over the engagement pairs (SNIPS: Swaminathan
+& Joachims, *The Self-Normalized Estimator for Counterfactual Learning*, NeurIPS 2015): the
+correction moves weight between positions, not between engagement and co-engagement pairs.
+The naive variant keeps the same rows with weight 1, so training compares the two on
+identical data and the same source mix, and the difference is the position correction alone.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class HarvestConfig:
     cosave_weight: float = 1.0
     same_product_weight: float = 1.0
     max_cosave_pairs_per_board: int = 12
+    self_normalise: bool = True  # engagement weights averaged to 1 (see module docstring)
     val_share: float = 0.1  # share of non-held-out products used for early stopping
     eval_days: float = 14.0  # sessions in the last N days of logs are evaluation only
     heldout_shown_share: float = 0.2  # grid share of held-out products that marks a session
@@ -227,8 +231,11 @@ def build_pairs(impressions: pd.DataFrame, catalog: pd.DataFrame, boards: pd.Dat
     pairs = (pairs.sort_values(["query_image_path", "item_id", "weight"],
                                ascending=[True, True, False], kind="mergesort")
              .drop_duplicates(["query_image_path", "item_id"]).reset_index(drop=True))
+    engaged = pairs["source"].isin(["click", "save"])
     if naive:
         pairs["weight"] = 1.0
+    elif cfg.self_normalise and engaged.any():
+        pairs.loc[engaged, "weight"] /= pairs.loc[engaged, "weight"].mean()
     return pairs
 
 

@@ -87,11 +87,13 @@ class BehaviourWorld:
 
 
 def user_response(world: BehaviourWorld, target: int, shown: np.ndarray,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(clicked, saved) per grid position under the world's behaviour model."""
+                  rng: np.random.Generator, activity: float = 1.0
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(clicked, saved) per grid position under the world's behaviour model; `activity`
+    scales how far down this user examines (1 = the world's one user type)."""
     rel = world.relevance(target, shown)
     attract = rel * (0.6 + 0.8 * world.popularity[world.item_product[shown]])
-    exam = examination_propensity(np.arange(1, len(shown) + 1))
+    exam = np.clip(activity * examination_propensity(np.arange(1, len(shown) + 1)), 0, 1)
     clicked = rng.random(len(shown)) < exam * np.clip(attract, 0, 1)
     saved = clicked & (rng.random(len(shown)) < 0.2 + 0.5 * (rel >= 0.6))
     return clicked, saved
@@ -184,6 +186,9 @@ class StudyConfig:
     challenger_noise: float = 0.3  # deliberately worse: 20 % more ranking noise
     max_sessions: int = 8000
     replications: int = 40
+    # coefficient of variation of a per-user activity factor (Gamma, mean 1) scaling
+    # examination; 0 = the world's logs, where every user examines alike
+    user_activity_cv: float = 0.0
     power: float = 0.8
     alpha: float = 0.05
     seed: int = 0
@@ -193,6 +198,15 @@ def _checkpoints(max_sessions: int) -> np.ndarray:
     """Session counts the p-values are read at: ~8 % steps from 20 to max_sessions."""
     points = np.unique(np.round(np.geomspace(20, max_sessions, 90)).astype(int))
     return points[points <= max_sessions]
+
+
+def _activity(cfg: StudyConfig, rng: np.random.Generator) -> float:
+    """A session's user activity: Gamma with mean 1 and the configured CV (no draw at 0, so
+    the homogeneous study replays exactly)."""
+    if cfg.user_activity_cv <= 0:
+        return 1.0
+    shape = 1.0 / cfg.user_activity_cv**2
+    return float(rng.gamma(shape, 1.0 / shape))
 
 
 def _one_replication(world: BehaviourWorld, cfg: StudyConfig, rep: int, champion: TruthRanker,
@@ -211,7 +225,8 @@ def _one_replication(world: BehaviourWorld, cfg: StudyConfig, rep: int, champion
         is_challenger[s] = assign_arm(ab_cfg, f"r{rep}u{s}") == "challenger"
         ranker = challenger if is_challenger[s] else champion
         shown = ranker.rank(target, GRID, f"ab{rep}-{s}")
-        ab_clicks[s] = user_response(world, target, shown, rng_ab)[0].sum()
+        ab_clicks[s] = user_response(world, target, shown, rng_ab,
+                                     _activity(cfg, rng_ab))[0].sum()
 
         target = world.draw_target(rng_il)
         key = f"il{rep}-{s}"
@@ -219,7 +234,7 @@ def _one_replication(world: BehaviourWorld, cfg: StudyConfig, rep: int, champion
         drafted = team_draft(a.tolist(), b.tolist(), GRID, lambda: rng_il.random() < 0.5)
         shown = np.array([i for i, _ in drafted])
         teams = np.array([t for _, t in drafted])
-        clicked = user_response(world, target, shown, rng_il)[0]
+        clicked = user_response(world, target, shown, rng_il, _activity(cfg, rng_il))[0]
         wa, wb = (clicked & (teams == TEAM_A)).sum(), (clicked & (teams == TEAM_B)).sum()
         il_winner[s] = np.sign(wa - wb)
     return is_challenger, ab_clicks, il_winner
@@ -295,17 +310,25 @@ def _power_study(world: BehaviourWorld, cfg: StudyConfig) -> dict:
 
 
 def session_study(world_root: Path, cfg: StudyConfig,
-                  sensitivity_noises: tuple[float, ...] = ()) -> dict:
+                  sensitivity_noises: tuple[float, ...] = (),
+                  activity_cvs: tuple[float, ...] = ()) -> dict:
     """Sessions each method needs to prefer the champion at p < alpha with `power`, for
-    the configured challenger and (smaller tables) for other challenger noise levels."""
+    the configured challenger and (smaller tables) for other challenger noise levels and
+    for users who differ in activity. Interleaving's edge over A/B comes from comparing
+    both rankers within one user, which cancels between-user variance: the activity rows
+    show how much of it the verdict depends on."""
     t0 = time.perf_counter()
     world = BehaviourWorld.load(world_root)
     head = _power_study(world, cfg)
-    rows = []
-    for noise in sensitivity_noises:
-        row = _power_study(world, replace(cfg, challenger_noise=noise))
-        rows.append({k: v for k, v in row.items() if k not in ("power_curve",
-                                                                "example_full_run")})
+
+    def row(study: StudyConfig) -> dict:
+        out = _power_study(world, study)
+        return {"user_activity_cv": study.user_activity_cv,
+                **{k: v for k, v in out.items() if k not in ("power_curve",
+                                                             "example_full_run")}}
+
+    rows = [row(replace(cfg, challenger_noise=noise)) for noise in sensitivity_noises]
+    activity_rows = [row(replace(cfg, user_activity_cv=cv)) for cv in activity_cvs]
     example = head["example_full_run"]
     return {
         "ab_sessions_needed": head["ab_sessions_needed"],
@@ -324,13 +347,15 @@ def session_study(world_root: Path, cfg: StudyConfig,
                     "within the wanted product's category"),
         "champion_noise_sigma": cfg.champion_noise,
         "users": "pipelines.world behaviour model: examination k^-0.7, clicks by "
-                 "relevance x popularity, saves after clicks",
+                 "relevance x popularity, saves after clicks; user_activity_cv > 0 scales "
+                 "examination per user by Gamma(mean 1, that CV)",
         "world": str(world_root), "study": asdict(cfg),
         **{k: head[k] for k in ("challenger_noise_sigma", "ctr_relative_diff_full_run",
                                 "interleaving_preference_full_run",
                                 "replications_preferring_challenger_significantly",
                                 "power_curve")},
         "sensitivity": rows,
+        "user_heterogeneity": activity_rows,
         "example_full_run": example,
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -371,6 +396,8 @@ def add_cli(sub) -> None:
     p.add_argument("--replications", type=int, default=StudyConfig.replications)
     p.add_argument("--sensitivity", type=float, nargs="*", default=(), metavar="SIGMA",
                    help="also report other challenger noise levels")
+    p.add_argument("--user-activity-cv", type=float, nargs="*", default=(), metavar="CV",
+                   help="also report users whose activity varies with this CV")
     p.set_defaults(func=_cli)
 
 
@@ -378,7 +405,8 @@ def _cli(args) -> int:
     if args.study is not None:
         cfg = StudyConfig(challenger_noise=args.challenger_noise, seed=args.seed,
                           max_sessions=args.max_sessions, replications=args.replications)
-        report = session_study(args.world, cfg, tuple(args.sensitivity))
+        report = session_study(args.world, cfg, tuple(args.sensitivity),
+                               tuple(args.user_activity_cv))
         args.study.parent.mkdir(parents=True, exist_ok=True)
         args.study.write_text(json.dumps(report, indent=1))
         print(json.dumps({k: report[k] for k in ("ab_sessions_needed",

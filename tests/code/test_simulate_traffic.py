@@ -45,6 +45,27 @@ def test_users_examine_by_position_and_save_after_clicks(world):
     assert saves.sum() / clicks.sum() == pytest.approx(0.7, abs=0.02)  # relevant: 0.2 + 0.5
 
 
+def test_user_activity_scales_examination_and_has_the_configured_spread(world):
+    from pipelines.simulate_traffic import _activity
+
+    target = 5
+    shown = np.full(20, np.flatnonzero(world.item_product == target)[0])
+    rng = np.random.default_rng(1)
+    idle = np.array([user_response(world, target, shown, rng, activity=0.0)[0]
+                     for _ in range(500)])
+    assert not idle.any()
+    keen = np.array([user_response(world, target, shown, rng, activity=2.0)[0]
+                     for _ in range(20_000)])
+    base = np.array([user_response(world, target, shown, rng)[0] for _ in range(20_000)])
+    # deep positions are examined twice as often; position 1 is capped at certain examination
+    assert keen[:, 19].mean() / base[:, 19].mean() == pytest.approx(2.0, rel=0.15)
+    assert keen[:, 0].mean() / base[:, 0].mean() < 1.2
+    draws = np.array([_activity(StudyConfig(user_activity_cv=1.5), rng) for _ in range(40_000)])
+    assert draws.mean() == pytest.approx(1.0, abs=0.05)
+    assert draws.std() / draws.mean() == pytest.approx(1.5, rel=0.1)
+    assert _activity(StudyConfig(), rng) == 1.0  # the world's users: no draw, exact replay
+
+
 def test_truth_ranker_orders_by_relevance_and_is_replayable(world, tiny_world):
     exact = TruthRanker(world, 0.0, 1)
     ranked = exact.rank(3, 10, "q")
