@@ -56,7 +56,10 @@ KINDS = (HNSW_FP16, IVFPQ)
 class CanaryParams:
     k: int = 10
     max_probes: int = 300
-    min_probe_recall: float = 0.5  # same-product listings found in the top k
+    # same-product listings found in the top k, an integrity check: at least this, and at
+    # least min_probe_lift x what a random top k would catch (k / items)
+    min_probe_recall: float = 0.05
+    min_probe_lift: float = 5.0
     min_exact_overlap: float = 0.9  # |index top-k ∩ exact top-k| / k
     min_rater_recall: float = 0.3  # rater-set recall@k (with a query embedder)
     norm_tolerance: float = 0.01  # every stored vector's |‖v‖ - 1|
@@ -331,10 +334,12 @@ def canary(index_root: Path, version: str, world_root: Path, params: CanaryParam
             recalls.append(len(set(got) & sib) / min(k, len(sib)))
             overlaps.append(len(set(got) & set(want)) / max(1, len(want)))
         metrics["probe_recall"] = float(np.mean(recalls))
+        metrics["probe_recall_floor"] = max(params.min_probe_recall, params.min_probe_lift * k
+                                            / max(1, len(ids) - 1))
         metrics["exact_overlap"] = float(np.mean(overlaps))
-        if metrics["probe_recall"] < params.min_probe_recall:
+        if metrics["probe_recall"] < metrics["probe_recall_floor"]:
             reasons.append(f"same-product probe recall@{k} {metrics['probe_recall']:.3f} < "
-                           f"{params.min_probe_recall}")
+                           f"{metrics['probe_recall_floor']:.3f}")
         if metrics["exact_overlap"] < params.min_exact_overlap:
             reasons.append(f"overlap with exact search {metrics['exact_overlap']:.3f} < "
                            f"{params.min_exact_overlap}")

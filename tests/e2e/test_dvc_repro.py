@@ -31,7 +31,7 @@ def test_dvc_repro_tiny_world(tmp_path):
                               capture_output=True, text=True, timeout=600)
 
     assert dvc("init", "--no-scm", "-q").returncode == 0
-    run = dvc("repro")
+    run = dvc("repro", "evaluate")  # online_study is tested in tests/code (minutes of replications)
     assert run.returncode == 0, run.stdout + run.stderr
     metrics = json.loads((tmp_path / "reports/harvest.json").read_text())
     assert metrics["propensity_mae"] < 0.12
@@ -45,5 +45,5 @@ def test_dvc_repro_tiny_world(tmp_path):
     assert set(evaluation["recall_at_k"]) == {"1", "5", "10", "50"}
     assert (tmp_path / "reports/eval/eval_report.html").stat().st_size > 10_000
     # nothing changed: a second repro runs no stage
-    again = dvc("repro")
+    again = dvc("repro", "evaluate")
     assert again.returncode == 0 and "didn't change" in again.stdout + again.stderr
