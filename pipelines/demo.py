@@ -1,11 +1,14 @@
 """`loupe demo`: the demo world through Airflow's retrain and rollout DAGs, then where to look.
 
-Steps: generate (or reuse) the world -> `loupe_monthly_retrain` (validate, harvest, train
-debiased + naive, frozen baseline, evaluate, MLflow run, challenger, promotion gate) ->
-`loupe_model_rollout` of the champion (re-embed, shard builds, canary, cutover). Both DAGs
-run in this process with `dag.test()` on a SQLite metadata DB under runs/<size>/, so the
-demo needs no scheduler. A second `make demo` reuses the world and trains again; the gate
-then keeps the champion unless the new version is better by the margin.
+Steps: generate (or reuse) the world -> the scene detector (trained and registered once,
+reused after) -> `loupe_monthly_retrain` (validate, harvest, train debiased + naive, frozen
+baseline, evaluate, MLflow run, challenger, promotion gate) -> `loupe_model_rollout` of the
+champion (Triton version, re-embed, shard builds, canary, cutover) -> the serving stack (real
+tritonserver + shard replicas + search API with the web page) over what the rollout made
+live, until Ctrl-C. Both DAGs run in this process with `dag.test()` on a SQLite metadata DB
+under runs/<size>/, so the demo needs no scheduler. A second `make demo` reuses the world and
+the detector and trains again; the gate then keeps the champion unless the new version is
+better by the margin.
 """
 
 from __future__ import annotations
@@ -59,16 +62,81 @@ def _run(dag_id: str, conf: dict, report: Path) -> dict:
     return summary
 
 
-def run_demo(root: Path, params: Path | None = None) -> dict:
-    from pipelines.orchestration import use_airflow_home
+def _detector(cfg, params: Path) -> tuple[Path, str]:
+    """The registered scene detector the demo serves: trained on the world once, then reused."""
+    from pipelines.params import load_section
+    from pipelines.train_detector import (
+        DetectorTrainConfig,
+        register_detector,
+        train_detector,
+        write_report,
+    )
+
+    out = cfg.runs / "detector"
+    version_file = out / "model_version.txt"
+    if version_file.is_file() and (out / "export").is_dir():
+        print(f"[detector] reusing {out} ({version_file.read_text().strip()})")
+        return out / "export", version_file.read_text().strip()
+    t0 = time.perf_counter()
+    det_cfg = DetectorTrainConfig.from_params({**load_section(params, "detector"),
+                                               "tracking_uri": cfg.mlflow_tracking_uri})
+    result = train_detector(det_cfg, cfg.world, out)
+    write_report(result, Path(cfg.loupe_root) / "reports")
+    version = register_detector(result.run_id, cfg.mlflow_tracking_uri).model_version
+    version_file.write_text(version + "\n")
+    print(f"[detector] {version}: mAP@0.5 {result.metrics['map50']:.3f} "
+          f"in {time.perf_counter() - t0:.0f} s")
+    return result.export_dir, version
+
+
+def _serve(cfg, harvest_dir: Path) -> None:
+    """Triton + shard replicas + API over what the rollout made live (its index and the
+    Triton repository it installed the model into), until Ctrl-C: the served embedder is the
+    live index's model version, so query and catalog vectors never come from two models."""
+    import os
+    import secrets
+    import signal
+    import threading
+
+    from pipelines.features import write_item_features
+    from serving.shards import layout
+    from serving.stack import ServingStack
+
+    live = layout.pointer(cfg.index)
+    model_version = layout.read_manifest(layout.version_dir(cfg.index, live))["model_version"]
+    features = write_item_features(cfg.world, harvest_dir, cfg.runs / "serve" / "features.parquet")
+    token = os.environ.get("LOUPE_ADMIN_TOKEN") or secrets.token_urlsafe(24)
+    shown_token = "$LOUPE_ADMIN_TOKEN" if "LOUPE_ADMIN_TOKEN" in os.environ else token
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with ServingStack(cfg.triton_repository, cfg.index, cfg.world, features,
+                      cfg.runs / "serve" / "run", token, replicas=2) as stack:
+        print(f"\nServing {model_version} (index {live}):\n"
+              f"  web demo               {stack.url}/\n"
+              f"  search API             POST {stack.url}/v1/search  (docs: {stack.url}/docs)\n"
+              f"  metrics                {stack.url}/metrics\n"
+              f"  Triton gRPC            {stack.triton.grpc_url}\n"
+              f"  admin token            {shown_token}\n"
+              "Ctrl-C stops the stack.", flush=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+def run_demo(root: Path, params: Path | None = None, serve: bool = True) -> dict:
+    from pipelines.orchestration import resolve_config, use_airflow_home
 
     root = Path(root).resolve()
     params = Path(params or root / "params.yaml").resolve()
     world_cfg = load_section(params, "world")
     size, seed = world_cfg.get("size", "demo"), int(world_cfg.get("seed", 0))
     world = _world(size, seed, root)
-    use_airflow_home(root / "runs" / size / "airflow_home")
+    airflow_home = root / "runs" / size / "airflow_home"
+    use_airflow_home(airflow_home)
     conf = {"loupe_root": str(root), "params_file": str(params), "world_root": str(world)}
+    cfg = resolve_config(conf)
+    _detector(cfg, params)  # the rollout installs the newest registered detector into Triton
     report = root / "reports" / "dags.json"
     retrain = _run("loupe_monthly_retrain", conf, report)
     result = _xcom(retrain, "evaluate_and_register")
@@ -84,7 +152,11 @@ def run_demo(root: Path, params: Path | None = None) -> dict:
           f"  eval metrics           {result['eval_json']}\n"
           f"  MLflow                 loupe mlflow-ui  (http://127.0.0.1:5000)\n"
           f"  DAG timings            {report.relative_to(root)}\n"
+          f"  Airflow UI             AIRFLOW_HOME={airflow_home} .venv/bin/airflow standalone"
+          "  (http://127.0.0.1:8080)\n"
           f"  live index             {live}")
+    if serve:
+        _serve(cfg, Path(_xcom(retrain, "harvest_pairs")["harvest_dir"]))
     return {"world": str(world), "retrain": result, "rollout": live}
 
 
@@ -92,4 +164,6 @@ def add_cli(sub) -> None:
     p = sub.add_parser("demo", help="demo world -> retrain DAG -> rollout DAG, then where to look")
     p.add_argument("--root", type=Path, default=Path.cwd())
     p.add_argument("--params", type=Path, default=None)
-    p.set_defaults(func=lambda a: run_demo(a.root, a.params) and 0)
+    p.add_argument("--no-serve", dest="serve", action="store_false",
+                   help="stop after the rollout instead of starting the serving stack")
+    p.set_defaults(func=lambda a: run_demo(a.root, a.params, a.serve) and 0)
