@@ -154,7 +154,7 @@ def run_demo(root: Path, params: Path | None = None, serve: bool = True) -> dict
           f"  DAG timings            {report.relative_to(root)}\n"
           f"  Airflow UI             AIRFLOW_HOME={airflow_home} .venv/bin/airflow standalone"
           "  (http://127.0.0.1:8080)\n"
-          f"  live index             {live}")
+          f"  live index             {live['to']}")
     if serve:
         _serve(cfg, Path(_xcom(retrain, "harvest_pairs")["harvest_dir"]))
     return {"world": str(world), "retrain": result, "rollout": live}
