@@ -462,17 +462,44 @@ def write_reports(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_
     }
 
 
+def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], n_resamples: int = 2000,
+                        level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """CI of mean(a - b) over the same queries, resampling queries: is a gap between two
+    models bigger than what the choice of rater queries alone would produce?"""
+    if len(a) != len(b) or len(a) == 0:
+        raise ValueError(f"need two equally long, non-empty per-query lists, got {len(a)} "
+                         f"and {len(b)}")
+    diff = np.asarray(a, float) - np.asarray(b, float)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (n_resamples, len(diff)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def eval_metrics_file(report: EvalReport, train_seconds: float | None) -> dict:
-    """The DVC metrics file `reports/eval.json`: headline numbers per model label."""
+    """The DVC metrics file `reports/eval.json`: headline numbers per model label, and the
+    candidate's gap to each baseline with a 95 % paired-bootstrap CI over rater queries."""
     def r10(label: str) -> float | None:
         m = report.models.get(label)
         return None if m is None else round(m.sets[RATER_SET].recall[10], 4)
+
+    def gap(label: str) -> dict | None:
+        m = report.models.get(label)
+        if m is None:
+            return None
+        ours = report.models[report.candidate].sets[RATER_SET].query_recall[10]
+        theirs = m.sets[RATER_SET].query_recall[10]
+        lo, hi = paired_bootstrap_ci(ours, theirs)
+        return {"diff": round(float(np.mean(ours) - np.mean(theirs)), 4),
+                "ci95": [round(lo, 4), round(hi, 4)]}
 
     cand = report.models[report.candidate].sets[RATER_SET]
     out = {"recall_at_10": r10(report.candidate), "baseline_recall_at_10": r10(FROZEN_BASELINE),
            "naive_recall_at_10": r10(NAIVE),
            "recall_at_k": {str(k): round(v, 4) for k, v in cand.recall.items()},
            "hit_at_k": {str(k): round(v, 4) for k, v in cand.hit.items()},
+           "recall_at_10_vs_baseline": gap(FROZEN_BASELINE),
+           "recall_at_10_vs_naive": gap(NAIVE),
            "train_seconds": train_seconds, "n_rater_queries": cand.n_queries,
            "n_catalog": report.n_catalog, "fingerprint": report.fingerprint}
     return {k: v for k, v in out.items() if v is not None}

@@ -104,6 +104,20 @@ def test_recall_at_k_hand_computed_with_min_k_normalisation():
     assert ev.recall_at_k([["a"]], [{"a", "b"}], ks=(10,))[10][0] == 0.5
 
 
+def test_paired_bootstrap_ci_of_a_gap():
+    from pipelines.evaluate import paired_bootstrap_ci
+
+    a = np.array([0.2, 0.5, 0.9, 0.4] * 25)
+    assert paired_bootstrap_ci(a, a) == (0.0, 0.0)
+    assert paired_bootstrap_ci(a + 0.1, a) == pytest.approx((0.1, 0.1))  # a constant shift
+    rng = np.random.default_rng(0)
+    b = np.clip(a + rng.normal(0, 0.2, len(a)), 0, 1)
+    lo, hi = paired_bootstrap_ci(a, b)
+    assert lo < float(np.mean(a - b)) < hi and hi - lo < 0.2
+    with pytest.raises(ValueError, match="equally long"):
+        paired_bootstrap_ci(a, a[:-1])
+
+
 def test_recall_rejects_queries_without_relevant_items():
     with pytest.raises(ValueError, match="no relevant items"):
         ev.recall_at_k([["a"]], [set()], ks=(1,))
