@@ -377,9 +377,17 @@ def create_app(settings: ApiSettings, routers: Sequence[APIRouter] = ()) -> Fast
     @app.post("/admin/cutover")
     async def cutover(body: SwitchRequest, x_admin_token: str | None = Header(None)):
         _admin(x_admin_token)
+        root = Path(settings.index_root)
+
+        def move_pointer() -> dict:
+            # an earlier switch moved the pointer, then timed out waiting for the replicas
+            # (or its reply was lost): a retry finishes that switch instead of being refused
+            if layout.pointer(root, layout.CURRENT) == body.index_version:
+                return {"action": "cutover", "to": body.index_version, "resumed": True}
+            return index_ops.cutover(root, body.index_version)
+
         async with state["switch_lock"]:
-            return await _switch(body.index_version, lambda: index_ops.cutover(
-                Path(settings.index_root), body.index_version))
+            return await _switch(body.index_version, move_pointer)
 
     @app.post("/admin/rollback")
     async def rollback(x_admin_token: str | None = Header(None)):

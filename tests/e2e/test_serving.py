@@ -308,6 +308,20 @@ def test_model_version_switch_and_rollback_under_traffic(served, tiny_world):
     pairs = {(m, i) for _, m, i in seen}
     assert {s for s, _, _ in seen} == {200}, seen
     assert pairs <= {(MODEL_V1, v1), (model_v2, v2)} and (model_v2, v2) in pairs
+
+    # a switch whose pointer move landed but whose reply never came (replicas slow to swap):
+    # retrying it finishes the switch instead of answering "already live"
+    from pipelines.index import cutover
+
+    cutover(served.paths.index_root, v2)
+    assert httpx.get(f"{served.stack.url}/readyz").json()["index_version"] == v1
+    r = httpx.post(f"{served.stack.url}/admin/cutover", json={"index_version": v2},
+                   headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["switched"]["resumed"] and r.json()["index_version"] == v2
+    assert _search(served.stack.url, image, box=box, k=5).json()["model_version"] == model_v2
+    r = httpx.post(f"{served.stack.url}/admin/rollback", headers=headers, timeout=60)
+    assert r.status_code == 200 and r.json()["index_version"] == v1, r.text
     print(f"switch under traffic: {len(seen)} queries, pairs seen {sorted(pairs)}")
     status = json.loads(httpx.get(f"{served.stack.shards[0][0].url}/healthz").text)
     assert status["index_version"] == v1 and status["expected_model_version"] == MODEL_V1
