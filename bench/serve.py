@@ -143,6 +143,7 @@ def measure_alone(prep: Prepared, photos: list[bytes], candidates: int, reps: in
     from models.detector import ExportedDetector, pick_salient
     from models.export import ExportedEmbedder
     from models.preprocessing import decode_image, embed_input
+    from serving.shards import layout
     from serving.shards.server import OVERFETCH, Filters, ItemFilter
     from serving.shards.store import ShardStore
 
@@ -153,7 +154,7 @@ def measure_alone(prep: Prepared, photos: list[bytes], candidates: int, reps: in
     item_filter = ItemFilter(pd.read_parquet(prep.features))
     wanted = Filters(available_only=True)
     stores = []
-    for s in range(_n_shards(prep.index_root)):
+    for s in range(layout.live_manifest(prep.index_root)["n_shards"]):
         store = ShardStore(prep.index_root, s, MODEL, verify_checksums=False)
         store.load()
         stores.append(store)
@@ -191,13 +192,6 @@ def measure_alone(prep: Prepared, photos: list[bytes], candidates: int, reps: in
             "decodes_per_query": 2, "total_cpu_ms_per_query": round(total, 3),
             "n_shards": len(stores), "candidates_per_shard": candidates,
             "shard_k": candidates * OVERFETCH}
-
-
-def _n_shards(index_root: Path) -> int:
-    from serving.shards import layout
-
-    return layout.read_manifest(layout.version_dir(index_root, layout.pointer(index_root))
-                                )["n_shards"]
 
 
 # --------------------------------------------------------------------------- load
@@ -383,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from serving.api.app import ApiSettings
+    from serving.shards import layout
     from serving.stack import ServingStack
 
     cores = len(os.sched_getaffinity(0))
@@ -429,11 +424,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{lv['cpu_ms_per_query_total']:.1f} ms {lv['cpu_ms_per_query']}, cores used "
                   f"{lv['cpu_utilization']:.0%}", flush=True)
 
+    n_listings = layout.live_manifest(prep.index_root)["count"]
     report = {
         "what": "POST /v1/search end to end (detect -> salient box -> embed -> fan-out -> "
                 "re-rank) against the real serving stack, closed-loop clients",
-        "index": f"large world, {_count(prep.index_root)} listings, attribute vectors served "
-                 f"as {MODEL} (see bench/serve.py docstring)",
+        "index": f"large world, {n_listings} listings, attribute vectors served as {MODEL} "
+                 "(see bench/serve.py docstring)",
         "queries": f"{len(photos)} tiny-world room scenes, 256x256 JPEG, no box given; query "
                    "content does not change the cost of any stage (pixel count does)",
         "cores": cores, "replicas": args.replicas, "n_shards": alone["n_shards"],
@@ -464,13 +460,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['qps_c8_over_compute_bound']:.2f}; load {load}")
     print(f"wrote {args.out}")
     return 0
-
-
-def _count(index_root: Path) -> int:
-    from serving.shards import layout
-
-    return layout.read_manifest(layout.version_dir(index_root, layout.pointer(index_root))
-                                )["count"]
 
 
 def _uptime() -> str:

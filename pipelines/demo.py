@@ -62,66 +62,48 @@ def _run(dag_id: str, conf: dict, report: Path) -> dict:
     return summary
 
 
-def _detector(cfg, params: Path) -> tuple[Path, str]:
-    """The registered scene detector the demo serves: trained on the world once, then reused."""
+def _detector(cfg, params: Path) -> None:
+    """Train and register the scene detector the rollout installs into Triton, once per
+    world; its metrics stay in the MLflow run and runs/ (reports/detector.json belongs to
+    the DVC stage `train_detector`)."""
     from pipelines.params import load_section
-    from pipelines.train_detector import (
-        DetectorTrainConfig,
-        register_detector,
-        train_detector,
-        write_report,
-    )
+    from pipelines.train_detector import DetectorTrainConfig, register_detector, train_detector
 
     out = cfg.runs / "detector"
     version_file = out / "model_version.txt"
     if version_file.is_file() and (out / "export").is_dir():
         print(f"[detector] reusing {out} ({version_file.read_text().strip()})")
-        return out / "export", version_file.read_text().strip()
+        return
     t0 = time.perf_counter()
     det_cfg = DetectorTrainConfig.from_params({**load_section(params, "detector"),
                                                "tracking_uri": cfg.mlflow_tracking_uri})
     result = train_detector(det_cfg, cfg.world, out)
-    write_report(result, Path(cfg.loupe_root) / "reports")
     version = register_detector(result.run_id, cfg.mlflow_tracking_uri).model_version
     version_file.write_text(version + "\n")
     print(f"[detector] {version}: mAP@0.5 {result.metrics['map50']:.3f} "
           f"in {time.perf_counter() - t0:.0f} s")
-    return result.export_dir, version
 
 
 def _serve(cfg, harvest_dir: Path) -> None:
     """Triton + shard replicas + API over what the rollout made live (its index and the
     Triton repository it installed the model into), until Ctrl-C: the served embedder is the
     live index's model version, so query and catalog vectors never come from two models."""
-    import os
-    import secrets
-    import signal
-    import threading
-
     from pipelines.features import write_item_features
+    from pipelines.serve import serve_until_stopped
     from serving.shards import layout
-    from serving.stack import ServingStack
 
-    live = layout.pointer(cfg.index)
-    model_version = layout.read_manifest(layout.version_dir(cfg.index, live))["model_version"]
+    live = layout.live_manifest(cfg.index)
     features = write_item_features(cfg.world, harvest_dir, cfg.runs / "serve" / "features.parquet")
-    token = os.environ.get("LOUPE_ADMIN_TOKEN") or secrets.token_urlsafe(24)
-    shown_token = "$LOUPE_ADMIN_TOKEN" if "LOUPE_ADMIN_TOKEN" in os.environ else token
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with ServingStack(cfg.triton_repository, cfg.index, cfg.world, features,
-                      cfg.runs / "serve" / "run", token, replicas=2) as stack:
-        print(f"\nServing {model_version} (index {live}):\n"
-              f"  web demo               {stack.url}/\n"
-              f"  search API             POST {stack.url}/v1/search  (docs: {stack.url}/docs)\n"
-              f"  metrics                {stack.url}/metrics\n"
-              f"  Triton gRPC            {stack.triton.grpc_url}\n"
-              f"  admin token            {shown_token}\n"
-              "Ctrl-C stops the stack.", flush=True)
-        try:
-            stop.wait()
-        except KeyboardInterrupt:
-            pass
+    serve_until_stopped(
+        cfg.triton_repository, cfg.index, cfg.world, features, cfg.runs / "serve" / "run", 2,
+        lambda stack, token: (
+            f"\nServing {live['model_version']} (index {live['index_version']}):\n"
+            f"  web demo               {stack.url}/\n"
+            f"  search API             POST {stack.url}/v1/search  (docs: {stack.url}/docs)\n"
+            f"  metrics                {stack.url}/metrics\n"
+            f"  Triton gRPC            {stack.triton.grpc_url}\n"
+            f"  admin token            {token}\n"
+            "Ctrl-C stops the stack."))
 
 
 def run_demo(root: Path, params: Path | None = None, serve: bool = True) -> dict:
@@ -136,7 +118,7 @@ def run_demo(root: Path, params: Path | None = None, serve: bool = True) -> dict
     use_airflow_home(airflow_home)
     conf = {"loupe_root": str(root), "params_file": str(params), "world_root": str(world)}
     cfg = resolve_config(conf)
-    _detector(cfg, params)  # the rollout installs the newest registered detector into Triton
+    _detector(cfg, params)
     report = root / "reports" / "dags.json"
     retrain = _run("loupe_monthly_retrain", conf, report)
     result = _xcom(retrain, "evaluate_and_register")

@@ -107,25 +107,33 @@ def add_cli(sub) -> None:
     p.set_defaults(func=_cli)
 
 
-def _cli(args) -> int:
+def serve_until_stopped(triton_repo: Path, index_root: Path, world: Path, features: Path,
+                        run_dir: Path, replicas: int, announce) -> None:
+    """Start the stack, print `announce(stack, token_shown)`, serve until SIGTERM or Ctrl-C.
+    The admin token is $LOUPE_ADMIN_TOKEN, else generated and shown once."""
     from serving.stack import ServingStack
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    paths = prepare(args.world, args.out, args.embedder, args.model_version, args.detector,
-                    args.detector_version, args.harvest, IndexParams.load(args.params))
     token = os.environ.get("LOUPE_ADMIN_TOKEN") or secrets.token_urlsafe(24)
-    stack = ServingStack(paths.triton_repo, paths.index_root, args.world, paths.features,
-                         args.out / "run", token, replicas=args.replicas)
+    shown = "$LOUPE_ADMIN_TOKEN" if os.environ.get("LOUPE_ADMIN_TOKEN") else token
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with stack:
-        print(json.dumps({"api": stack.url, "triton_grpc": stack.triton.grpc_url,
-                          "shards": {s: [p.url for p in ps] for s, ps in stack.shards.items()},
-                          "admin_token_env": "LOUPE_ADMIN_TOKEN" if
-                          os.environ.get("LOUPE_ADMIN_TOKEN") else f"generated: {token}"},
-                         indent=1), flush=True)
+    with ServingStack(triton_repo, index_root, world, features, run_dir, token,
+                      replicas=replicas) as stack:
+        print(announce(stack, shown), flush=True)
         try:
             stop.wait()
         except KeyboardInterrupt:
             print("stopping", file=sys.stderr)
+
+
+def _cli(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    paths = prepare(args.world, args.out, args.embedder, args.model_version, args.detector,
+                    args.detector_version, args.harvest, IndexParams.load(args.params))
+    serve_until_stopped(
+        paths.triton_repo, paths.index_root, args.world, paths.features, args.out / "run",
+        args.replicas, lambda stack, token: json.dumps({
+            "api": stack.url, "triton_grpc": stack.triton.grpc_url,
+            "shards": {s: [p.url for p in ps] for s, ps in stack.shards.items()},
+            "admin_token": token}, indent=1))
     return 0

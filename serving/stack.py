@@ -120,12 +120,6 @@ class ServingStack:
         env.setdefault("OMP_NUM_THREADS", "1")  # FAISS per query: one thread, many processes
         return env
 
-    def _live_manifest(self) -> dict:
-        current = layout.pointer(self.index_root)
-        if current is None:
-            raise FileNotFoundError(f"{self.index_root}: no live index version (cutover first)")
-        return layout.read_manifest(layout.version_dir(self.index_root, current))
-
     def shard_process(self, shard_id: int, replica: int, model_version: str,
                       port: int | None = None) -> ServiceProcess:
         return ServiceProcess(
@@ -137,7 +131,7 @@ class ServingStack:
 
     def start(self, timeout_s: float = 180.0) -> ServingStack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        manifest = self._live_manifest()
+        manifest = layout.live_manifest(self.index_root)
         try:
             self.triton = TritonServer(self.triton_repo, self.run_dir / "triton")
             self.triton.start_process()  # boots while the shard replicas load

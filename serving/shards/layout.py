@@ -84,6 +84,14 @@ def read_manifest(vdir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def live_manifest(index_root: Path) -> dict:
+    """The manifest of the version `current` names (FileNotFoundError when nothing is live)."""
+    current = pointer(index_root)
+    if current is None:
+        raise FileNotFoundError(f"{index_root}: no live index version (cutover first)")
+    return read_manifest(version_dir(index_root, current))
+
+
 def pointer(index_root: Path, name: str = CURRENT) -> str | None:
     """The version a pointer (`current` / `previous`) names, or None when it is not set.
 
