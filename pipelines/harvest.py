@@ -14,8 +14,9 @@ Click and save pairs are then weighted by the clipped inverse propensity of the 
 were clicked at (IPS), self-normalised to mean 1 over the engagement pairs (SNIPS: Swaminathan
 & Joachims, *The Self-Normalized Estimator for Counterfactual Learning*, NeurIPS 2015): the
 correction moves weight between positions, not between engagement and co-engagement pairs.
-The naive variant keeps the same rows with weight 1, so training compares the two on
-identical data and the same source mix, and the difference is the position correction alone.
+The naive variant keeps the same rows, the save boost and the normalisation and drops only the
+inverse propensity, so training compares the two on identical data and the same source mix, and
+the difference is the position correction alone.
 """
 
 from __future__ import annotations
@@ -175,14 +176,16 @@ def _session_sides(impressions: pd.DataFrame, item_split: pd.Series, cutoff: pd.
 
 # --------------------------------------------------------------------------- pairs
 def _engagement_pairs(impressions: pd.DataFrame, side: pd.Series, item_split: pd.Series,
-                      prop: PropensityEstimate, cfg: HarvestConfig) -> pd.DataFrame:
+                      prop: PropensityEstimate, cfg: HarvestConfig,
+                      correct_position: bool = True) -> pd.DataFrame:
     imp = impressions[impressions["clicked"] | impressions["saved"]].copy()
     imp["split"] = imp["session_id"].map(side)
     # a training session keeps only its training-product pairs (and likewise for val)
     imp = imp[imp["split"].isin(["train", "val"]) & imp["item_id"].map(item_split).eq(imp["split"])
               & (imp["position"] <= cfg.max_position)]
     imp["propensity"] = prop.lookup(imp["position"].to_numpy())
-    ipw = np.minimum(1.0 / imp["propensity"].to_numpy(), cfg.weight_clip)
+    ipw = (np.minimum(1.0 / imp["propensity"].to_numpy(), cfg.weight_clip)
+           if correct_position else np.ones(len(imp)))
     imp["source"] = np.where(imp["saved"], "save", "click")
     imp["weight"] = np.minimum(ipw * np.where(imp["saved"], cfg.save_boost, 1.0),
                                cfg.weight_clip)
@@ -219,9 +222,9 @@ def _catalog_pairs(catalog: pd.DataFrame, product_split: pd.Series, boards: pd.D
 def build_pairs(impressions: pd.DataFrame, catalog: pd.DataFrame, boards: pd.DataFrame,
                 side: pd.Series, product_split: pd.Series, prop: PropensityEstimate,
                 cutoff: pd.Timestamp, cfg: HarvestConfig, naive: bool = False) -> pd.DataFrame:
-    """Deduplicated training pairs; `naive=True` keeps the rows and sets every weight to 1."""
+    """Deduplicated training pairs; `naive=True` drops the inverse propensity and nothing else."""
     item_split = catalog.set_index("item_id")["product_id"].map(product_split)
-    eng = _engagement_pairs(impressions, side, item_split, prop, cfg)
+    eng = _engagement_pairs(impressions, side, item_split, prop, cfg, correct_position=not naive)
     eng = eng.merge(catalog[["item_id", "image_path"]], on="item_id").rename(
         columns={"image_path": "positive_image_path"})
     pairs = pd.concat([eng[PAIR_COLUMNS],
@@ -232,9 +235,7 @@ def build_pairs(impressions: pd.DataFrame, catalog: pd.DataFrame, boards: pd.Dat
                                ascending=[True, True, False], kind="mergesort")
              .drop_duplicates(["query_image_path", "item_id"]).reset_index(drop=True))
     engaged = pairs["source"].isin(["click", "save"])
-    if naive:
-        pairs["weight"] = 1.0
-    elif cfg.self_normalise and engaged.any():
+    if cfg.self_normalise and engaged.any():
         pairs.loc[engaged, "weight"] /= pairs.loc[engaged, "weight"].mean()
     return pairs
 
@@ -286,7 +287,8 @@ def harvest(world: Path, out_dir: Path, cfg: HarvestConfig | None = None,
     side = _session_sides(impressions, item_split, cutoff, cfg.heldout_shown_share)
 
     debiased = build_pairs(impressions, catalog, boards, side, product_split, prop, cutoff, cfg)
-    naive = debiased.assign(weight=1.0)
+    naive = build_pairs(impressions, catalog, boards, side, product_split, prop, cutoff, cfg,
+                        naive=True)
     eval_set = engagement_eval_set(impressions, catalog, side, product_split)
 
     summary = {

@@ -21,7 +21,6 @@ instead of writing it again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -270,17 +269,12 @@ def harvest_pairs(cfg: LoupeConfig, run_dir: Path) -> dict:
             "pairs_by_split": {split: sum(n.values()) for split, n in result.counts.items()}}
 
 
-def world_id(world: Path) -> str:
-    """Identity of a generated world (its world.json: size, seed, params, counts)."""
-    return hashlib.sha256((Path(world) / "world.json").read_bytes()).hexdigest()[:12]
-
-
 def train_embedder(cfg: LoupeConfig, run_dir: Path, harvest_dir: str, variant: str) -> dict:
     """Train on the `debiased` or `naive` pairs (same rows, other weights), or export the
     `frozen` pretrained baseline; returns the export directory and train.json metrics.
-    Variants and runs on the same world share one frozen-feature cache (the cache keys by
-    the frozen weights and image path, the directory by the world), so the second variant
-    and the next run cost little."""
+    Variants and runs on the same world share one frozen-feature cache (keyed by the world,
+    the frozen weights and the image path), so the second variant and the next run cost
+    little."""
     from pipelines.train import TrainConfig, export_baseline, train
 
     tcfg = TrainConfig.load(Path(cfg.params_file), progress_bar=False)
@@ -292,7 +286,7 @@ def train_embedder(cfg: LoupeConfig, run_dir: Path, harvest_dir: str, variant: s
         raise ValueError(f"unknown training variant {variant!r}")
     resume = (out / "checkpoints" / "last.ckpt").exists()  # a retried task continues
     result = train(cfg.world, Path(harvest_dir) / f"pairs_{variant}.parquet", out, tcfg,
-                   cache_dir=cfg.runs / "feature_cache" / world_id(cfg.world), resume=resume)
+                   cache_dir=cfg.runs / "feature_cache", resume=resume)
     return {"variant": variant, "export_dir": str(result.export_dir),
             "train_json": str(out / "train.json"),
             "train_seconds": result.metrics["train_seconds"]}

@@ -38,6 +38,7 @@ from models.embedder import Embedder, EmbedderSpec, frozen_baseline, save_embedd
 from models.export import export_embedder, export_onnx, onnx_session
 from models.losses import weighted_info_nce
 from models.preprocessing import EMBED_PX, crop_to_box, resize_to_array
+from pipelines.world import world_id
 
 log = logging.getLogger(__name__)
 PAIR_COLUMNS = ("query_image_path", "query_x0", "query_y0", "query_x1", "query_y1", "item_id",
@@ -450,8 +451,9 @@ def train(world: Path, pairs_path: Path, out_dir: Path, cfg: TrainConfig | None 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     table = load_pairs(pairs_path, world)
     model = Embedder(cfg.spec())
-    cache = FeatureCache(cache_dir or out_dir.parent / "feature_cache", model, cfg.views,
-                         cfg.seed)
+    # image paths repeat across generated worlds: one cache directory per world
+    cache = FeatureCache((cache_dir or out_dir.parent / "feature_cache") / world_id(world),
+                         model, cfg.views, cfg.seed)
     feats = cache.features(world, table.images)
     cache_s = time.perf_counter() - t0
     module = ContrastiveModule.build(model, table, feats, cfg)

@@ -60,6 +60,26 @@ SCENE_PX = 256
 
 
 @dataclass(frozen=True)
+class LoggingPolicy:
+    """How the legacy ranker that logged the sessions filled the grid.
+
+    It ranks by noisy true relevance, except that a "shop the colour" merchandising rule pins
+    `promoted_slots` bestsellers of the query's category and palette (picked by
+    popularity ** power, never from the query's own style cluster) to the top of the grid,
+    with a badge that makes them clicked readily. They collect clicks for sitting on top, so a
+    learner that ignores position learns "same colour = same style": the feedback loop that
+    position-bias correction exists for. Randomised sessions shuffle the whole grid, pins
+    included, so the examination estimate stays valid.
+    """
+
+    relevance_noise: float = 0.25
+    promoted_slots: int = 3
+    promoted_popularity_power: float = 4.0
+    promoted_same_palette: bool = True  # "shop the colour": pins share the query's palette
+    promoted_appeal: float = 0.3  # a pin's badge: clicked at least this readily once examined
+
+
+@dataclass(frozen=True)
 class WorldSize:
     """How big a world to make; `render_images=False` makes metadata only (benchmarks)."""
 
@@ -74,15 +94,24 @@ class WorldSize:
     shuffle_share: float = 0.15
     rater_cluster_share: float = 0.12
     render_images: bool = True
+    logging: LoggingPolicy = LoggingPolicy()
 
 
 SIZES: dict[str, WorldSize] = {
     "tiny": WorldSize("tiny", 3, 3, (2, 4), 800, 60, 60, 24),
-    "demo": WorldSize("demo", 40, 16, (3, 5), 5000, 800, 1500, 300),
+    "demo": WorldSize("demo", 40, 16, (3, 5), 20000, 800, 1500, 300),
     "large": WorldSize(
         "large", 1250, 10, (1, 2), 20000, 5000, 0, 0, render_images=False
     ),
 }
+
+
+def world_id(world: Path) -> str:
+    """Identity of a generated world (its world.json: size, seed, params, counts): caches of
+    anything computed from its images are scoped by it, since paths repeat across worlds."""
+    import hashlib
+
+    return hashlib.sha256((Path(world) / "world.json").read_bytes()).hexdigest()[:12]
 
 
 def examination_propensity(position: np.ndarray | int) -> np.ndarray:
@@ -414,6 +443,7 @@ def _relevance(target: pd.Series, items: pd.DataFrame) -> np.ndarray:
 
 def _session_rows(args: tuple) -> tuple[list[dict], list[tuple[str, bytes]]]:
     (seed, start, stop, items, products, size, render) = args
+    policy = size.logging
     rows: list[dict] = []
     images: list[tuple[str, bytes]] = []
     by_cat = {c: items[items["category"] == c] for c in CATEGORIES}
@@ -426,8 +456,20 @@ def _session_rows(args: tuple) -> tuple[list[dict], list[tuple[str, bytes]]]:
         target = products.iloc[t_idx]
         pool = by_cat[target["category"]]
         rel = _relevance(target, pool)
-        score = rel + rng.normal(0, 0.25, len(pool))  # logging ranker: noisy relevance
+        noise = rng.normal(0, 1.0, len(pool))
+        score = rel + policy.relevance_noise * noise  # logging ranker: noisy relevance
         top = np.argsort(-score)[:GRID_SIZE]
+        if policy.promoted_slots:
+            prng = _rng(seed, "promoted", s)  # own stream: the rest of the session is unchanged
+            outside = pool["cluster_id"].to_numpy() != target["cluster_id"]
+            matched = outside & (pool["palette"].to_numpy() == target["palette"])
+            if policy.promoted_same_palette and matched.sum() >= policy.promoted_slots:
+                outside = matched
+            outside = np.flatnonzero(outside)
+            w = pop.loc[pool["product_id"].to_numpy()[outside]].to_numpy()
+            w = w ** policy.promoted_popularity_power
+            promoted = prng.choice(outside, policy.promoted_slots, replace=False, p=w / w.sum())
+            top = np.concatenate([promoted, top[~np.isin(top, promoted)]])[:GRID_SIZE]
         shuffled = rng.random() < size.shuffle_share
         order = rng.permutation(top) if shuffled else top
         ts = WORLD_END - timedelta(days=float(rng.uniform(0, HISTORY_DAYS)))
@@ -438,7 +480,11 @@ def _session_rows(args: tuple) -> tuple[list[dict], list[tuple[str, bytes]]]:
             images.append((qpath, render_photo(prod_records[t_idx], rng, user=True)))
         user = f"u{int(rng.integers(0, size.n_users)):06d}"
         shown = pool.iloc[order]
-        attract = rel[order] * (0.6 + 0.8 * pop.loc[shown["product_id"]].to_numpy())
+        appeal = rel[order]
+        if policy.promoted_slots:  # pins wear a bestseller badge, wherever they land
+            appeal = np.where(np.isin(order, promoted), np.maximum(appeal, policy.promoted_appeal),
+                              appeal)
+        attract = appeal * (0.6 + 0.8 * pop.loc[shown["product_id"]].to_numpy())
         exam = examination_propensity(np.arange(1, len(order) + 1))
         clicks = rng.random(len(order)) < exam * np.clip(attract, 0, 1)
         saves = clicks & (rng.random(len(order)) < 0.2 + 0.5 * (rel[order] >= 0.6))

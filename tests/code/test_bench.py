@@ -95,3 +95,61 @@ def test_aggregate_and_markdown():
     assert "| 4 | 5.0 | 12.0 | 50% |" in md
     assert "GPU variant skipped: no GPU" in md
     assert "p95_ms_c1_le_50: met" in md and "c=8 [1.0, 1.0, 1.0]" in md
+
+
+def test_debias_seed_study_trains_both_variants_per_seed(tiny_world, tiny_harvest, tmp_path):
+    import json
+
+    import yaml
+
+    from bench.debias_seeds import run
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train": {
+        "tuned_blocks": 0, "tune_conv_head": False, "views": 2, "batch_size": 64,
+        "max_epochs": 2, "hard_negative_pool": 5}}))
+    result = run(tiny_world, tiny_harvest, [0, 1], tmp_path / "work", params)
+    assert [r["seed"] for r in result["seeds"]] == [0, 1] and result["n_seeds"] == 2
+    for r in result["seeds"]:
+        assert 0 < r["debiased_recall_at_10"] <= 1 and 0 < r["naive_recall_at_10"] <= 1
+        assert r["diff"] == pytest.approx(r["debiased_recall_at_10"] - r["naive_recall_at_10"],
+                                          abs=2e-4)
+        assert r["ci95"][0] <= r["diff"] <= r["ci95"][1]
+        assert all(0 <= share <= 1 for share in r["top10_same_colour_other_style"].values())
+        for variant in ("debiased", "naive"):  # each variant trained with that seed
+            cfg = json.loads((tmp_path / "work" / f"seed{r['seed']}" / variant /
+                              "train.json").read_text())["config"]
+            assert cfg["seed"] == r["seed"]
+    assert result["mean_diff"] == pytest.approx(
+        sum(r["diff"] for r in result["seeds"]) / 2, abs=1e-4)
+    # a second call reuses the finished runs instead of refusing to overwrite them
+    assert run(tiny_world, tiny_harvest, [0], tmp_path / "work", params)["seeds"][0] == \
+        result["seeds"][0]
+
+
+def test_colour_confusion_counts_same_palette_items_of_other_styles(tiny_world):
+    import pandas as pd
+
+    from bench.debias_seeds import colour_confusion
+    from pipelines.evaluate import load_rater_set
+
+    rater = load_rater_set(tiny_world)
+    products = pd.read_parquet(tiny_world / "truth/products.parquet").set_index("product_id")
+    catalog = pd.read_parquet(tiny_world / "tables/catalog.parquet")
+    catalog = catalog.assign(cluster=catalog["product_id"].map(products["cluster_id"]))
+    targets = pd.read_parquet(tiny_world / "truth/rater_queries.parquet").set_index(
+        "rater_query_id")["target_product_id"]
+    own_style = [sorted(rel)[:10] for rel in rater.relevant]
+    assert colour_confusion(tiny_world, rater, own_style) == 0.0
+    # ten items each: other style and same palette count, other style and other palette do not
+    mixed, expected = [], []
+    for q in rater.query_ids:
+        target = products.loc[targets[q]]
+        other = catalog[catalog["cluster"] != target["cluster_id"]]
+        same = other[other["palette"] == target["palette"]]["item_id"].tolist()[:5]
+        rest = other[other["palette"] != target["palette"]]["item_id"].tolist()[:10 - len(same)]
+        mixed.append(same + rest)
+        expected.append(len(same) / 10)
+    share = colour_confusion(tiny_world, rater, mixed)
+    assert share == pytest.approx(sum(expected) / len(expected))
+    assert sum(expected) > 0  # the tiny world has such items, so the check is not vacuous

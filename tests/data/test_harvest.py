@@ -58,9 +58,12 @@ def test_ips_weights_and_naive_mode(harvested):
     # deeper clicks weigh more than clicks at the top
     assert clicks.loc[clicks.position >= 10, "weight"].mean() > clicks.loc[
         clicks.position == 1, "weight"].mean()
-    # naive: identical rows, unit weights
+    # naive: identical rows and save boost, no propensity: the one difference is the correction
     assert naive.drop(columns="weight").equals(deb.drop(columns="weight"))
-    assert (naive["weight"] == 1.0).all()
+    naive_engaged = naive[naive.source.isin(["click", "save"])]
+    boost = np.where(naive_engaged.source == "save", cfg.save_boost, 1.0)
+    np.testing.assert_allclose(naive_engaged["weight"], boost / boost.mean())
+    assert (naive.loc[naive.source.isin(["cosave", "same_product"]), "weight"] == 1.0).all()
     assert not deb.duplicated(["query_image_path", "item_id"]).any()
     assert set(deb["source"]) == {"click", "save", "cosave", "same_product"}
 

@@ -60,9 +60,24 @@ def test_impressions_follow_logging_policy(tiny_world):
         lambda p: p == list(range(1, GRID_SIZE + 1))).all()
     shuffled = imp.groupby("session_id")["logging_policy"].first().eq("shuffle_top20").mean()
     assert 0.08 < shuffled < 0.25  # the randomised share the harvester relies on
-    # ranker sessions: the logged score is monotone in position
+    # ranker sessions: below the pinned slots, the logged score is monotone in position
+    pins = SIZES["tiny"].logging.promoted_slots
     ranked = imp[imp.logging_policy == "ranker"].sort_values(["session_id", "position"])
-    assert (ranked.groupby("session_id")["ranker_score"].diff().dropna() <= 1e-9).all()
+    organic = ranked[ranked.position > pins]
+    assert (organic.groupby("session_id")["ranker_score"].diff().dropna() <= 1e-9).all()
+    # the pinned slots hold bestsellers from outside the query's style cluster
+    truth = pd.read_parquet(tiny_world / "truth/products.parquet")
+    cat = pd.read_parquet(tiny_world / "tables/catalog.parquet")
+    cluster_of = truth.set_index("product_id")["cluster_id"]
+    cluster = cat.set_index("item_id")["product_id"].map(cluster_of)
+    target = pd.read_parquet(tiny_world / "truth/queries.parquet").set_index("query_id")[
+        "target_product_id"].map(cluster_of)
+    pinned = ranked[ranked.position <= pins]
+    assert pins == 3 and len(pinned) == pins * ranked["session_id"].nunique()
+    assert (pinned["item_id"].map(cluster) != pinned["query_id"].map(target)).all()
+    popularity = cat["product_id"].map(truth.set_index("product_id")["popularity"])
+    pinned_pop = pinned["item_id"].map(dict(zip(cat["item_id"], popularity, strict=True)))
+    assert pinned_pop.mean() > popularity.mean() + 0.1
     # position bias is visible: clicks fall with position
     ctr = imp.groupby("position")["clicked"].mean()
     assert ctr.loc[1] > 2 * ctr.loc[GRID_SIZE]

@@ -11,6 +11,7 @@ import torch
 
 from models.embedder import load_embedder
 from pipelines.train import FeatureCache, TrainConfig, load_pairs, train
+from pipelines.world import world_id
 
 # the demo's recipe (head on cached pooled features); test_tuned_blocks_train covers the rest
 FAST = dict(backbone="efficientnet-lite0", tuned_blocks=0, tune_conv_head=False, views=2,
@@ -100,8 +101,10 @@ def test_feature_cache_is_reused_and_keyed_by_the_frozen_trunk(tiny_world, tiny_
 
     table = load_pairs(_pairs(tiny_harvest), tiny_world)
     model = Embedder(EmbedderSpec(tuned_blocks=0, tune_conv_head=False))
-    cache = FeatureCache(cache_dir, model, views=2, seed=0)
-    first = cache.features(tiny_world, table.images)  # built by the tests above
+    # the training runs above cached into the world's own directory (paths repeat across worlds)
+    cache = FeatureCache(cache_dir / world_id(tiny_world), model, views=2, seed=0)
+    assert cache.dir.is_dir()
+    first = cache.features(tiny_world, table.images)
     chunks = sorted(cache.dir.glob("chunk_*.npy"))
     again = cache.features(tiny_world, table.images.iloc[::-1])
     assert sorted(cache.dir.glob("chunk_*.npy")) == chunks  # nothing recomputed

@@ -1,0 +1,122 @@
+"""Debiased vs naive training over several training seeds: is the gap the position correction
+or the luck of one run?
+
+    .venv/bin/python bench/debias_seeds.py --world data/demo --harvest runs/demo/harvest \
+        --seeds 0 1 2 [--work runs/demo/debias_seeds] [--out reports/debias_seeds.json]
+
+Each seed trains both variants from the same harvest (same rows; the naive pairs drop only
+the inverse propensity) with `params.yaml`'s recipe and that seed, and scores both exports on
+the rater set exactly as `loupe evaluate` does. A seed changes the head's initialisation, the
+augmented views, pair order and hard-negative picks, so each seed builds its own frozen-feature
+cache (a few minutes on two cores). The JSON holds per-seed recall@10 of both variants, the
+per-seed paired-bootstrap CI over rater queries and the mean gap across seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipelines import evaluate as ev  # noqa: E402
+from pipelines.train import TrainConfig, train  # noqa: E402
+
+VARIANTS = ("debiased", "naive")
+
+
+def colour_confusion(world: Path, rater: ev.EvalSet, top_items: list[list[str]]) -> float:
+    """Share of rater-query top-10 results from another style cluster but the query's palette:
+    the confusion the legacy ranker's "shop the colour" pins teach a position-blind learner
+    (reads the world's truth/, which only evaluation tooling may)."""
+    products = pd.read_parquet(world / "truth" / "products.parquet").set_index("product_id")
+    targets = pd.read_parquet(world / "truth" / "rater_queries.parquet").set_index(
+        "rater_query_id")["target_product_id"]
+    item_product = pd.read_parquet(world / "tables" / "catalog.parquet").set_index(
+        "item_id")["product_id"]
+    shares = []
+    for query, items in zip(rater.query_ids, top_items, strict=True):
+        target = products.loc[targets[query]]
+        found = products.loc[item_product[items[:10]].to_numpy()]
+        shares.append(float(((found["cluster_id"] != target["cluster_id"])
+                             & (found["palette"] == target["palette"])).mean()))
+    return float(np.mean(shares))
+
+
+def run(world: Path, harvest: Path, seeds: list[int], work: Path, params: Path) -> dict:
+    rater = ev.load_rater_set(world)
+    per_seed = []
+    for seed in seeds:
+        cfg = TrainConfig.load(params, seed=seed, progress_bar=False)
+        exports, seconds = {}, {}
+        for variant in VARIANTS:
+            out = work / f"seed{seed}" / variant
+            if (out / "train.json").is_file():  # written last: a finished earlier run
+                exports[variant] = out / "export"
+            else:  # fresh, or resumed after an interruption
+                exports[variant] = train(
+                    world, harvest / f"pairs_{variant}.parquet", out, cfg,
+                    cache_dir=work / "feature_cache",
+                    resume=(out / "checkpoints" / "last.ckpt").exists()).export_dir
+            seconds[variant] = json.loads((out / "train.json").read_text())["train_seconds"]
+        report = ev.evaluate_models(
+            {label: ev.embed_fn_from_export(exports[label], world) for label in VARIANTS},
+            world, [rater], candidate="debiased")
+        q = {v: report.models[v].sets[ev.RATER_SET].query_recall[10] for v in VARIANTS}
+        pins = {v: colour_confusion(world, rater, report.models[v].sets[ev.RATER_SET].top_items)
+                for v in VARIANTS}
+        lo, hi = ev.paired_bootstrap_ci(q["debiased"], q["naive"])
+        row = {"seed": seed,
+               "debiased_recall_at_10": round(float(np.mean(q["debiased"])), 4),
+               "naive_recall_at_10": round(float(np.mean(q["naive"])), 4),
+               "diff": round(float(np.mean(q["debiased"]) - np.mean(q["naive"])), 4),
+               "ci95": [round(lo, 4), round(hi, 4)], "train_seconds": seconds,
+               "top10_same_colour_other_style": {v: round(pins[v], 4) for v in VARIANTS}}
+        per_seed.append(row)
+        print(f"seed {seed}: debiased {row['debiased_recall_at_10']:.4f}  naive "
+              f"{row['naive_recall_at_10']:.4f}  diff {row['diff']:+.4f}  CI95 "
+              f"[{lo:+.4f}, {hi:+.4f}]", flush=True)
+    diffs = np.array([r["diff"] for r in per_seed])
+    return {"world": str(world), "harvest": str(harvest), "n_rater_queries": len(rater.query_ids),
+            "seeds": per_seed,
+            "mean_debiased_recall_at_10": round(float(np.mean(
+                [r["debiased_recall_at_10"] for r in per_seed])), 4),
+            "mean_naive_recall_at_10": round(float(np.mean(
+                [r["naive_recall_at_10"] for r in per_seed])), 4),
+            "mean_diff": round(float(diffs.mean()), 4),
+            "mean_top10_same_colour_other_style": {v: round(float(np.mean(
+                [r["top10_same_colour_other_style"][v] for r in per_seed])), 4) for v in VARIANTS},
+            "seeds_debiased_ahead": int((diffs > 0).sum()), "n_seeds": len(per_seed)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", type=Path, default=REPO / "data/demo")
+    ap.add_argument("--harvest", type=Path, default=REPO / "runs/demo/harvest")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--work", type=Path, default=REPO / "runs/demo/debias_seeds")
+    ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    ap.add_argument("--out", type=Path, default=REPO / "reports/debias_seeds.json")
+    args = ap.parse_args()
+    for need in (args.world / "tables", args.harvest / "pairs_debiased.parquet"):
+        if not need.exists():
+            sys.exit(f"missing {need}: generate the world and run `dvc repro harvest` first")
+    result = run(args.world, args.harvest, args.seeds, args.work, args.params)
+    print(f"\n| seeds | debiased R@10 | naive R@10 | mean gap | seeds debiased ahead |\n"
+          f"|---|---|---|---|---|\n| {result['n_seeds']} | "
+          f"{result['mean_debiased_recall_at_10']:.4f} | {result['mean_naive_recall_at_10']:.4f}"
+          f" | {result['mean_diff']:+.4f} | {result['seeds_debiased_ahead']}/{result['n_seeds']}"
+          f" |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
