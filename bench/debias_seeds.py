@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,26 +32,40 @@ from pipelines.train import TrainConfig, train  # noqa: E402
 VARIANTS = ("debiased", "naive")
 
 
-def colour_confusion(world: Path, rater: ev.EvalSet, top_items: list[list[str]]) -> float:
-    """Share of rater-query top-10 results from another style cluster but the query's palette:
-    the confusion the legacy ranker's "shop the colour" pins teach a position-blind learner
-    (reads the world's truth/, which only evaluation tooling may)."""
-    products = pd.read_parquet(world / "truth" / "products.parquet").set_index("product_id")
-    targets = pd.read_parquet(world / "truth" / "rater_queries.parquet").set_index(
-        "rater_query_id")["target_product_id"]
-    item_product = pd.read_parquet(world / "tables" / "catalog.parquet").set_index(
-        "item_id")["product_id"]
-    shares = []
-    for query, items in zip(rater.query_ids, top_items, strict=True):
-        target = products.loc[targets[query]]
-        found = products.loc[item_product[items[:10]].to_numpy()]
-        shares.append(float(((found["cluster_id"] != target["cluster_id"])
-                             & (found["palette"] == target["palette"])).mean()))
-    return float(np.mean(shares))
+@dataclass(frozen=True)
+class StyleTruth:
+    """Style cluster and palette of every listing and of every rater query's target, read
+    once from the world's truth/ (which only evaluation tooling may read)."""
+
+    items: pd.DataFrame  # item_id -> cluster_id, palette
+    queries: pd.DataFrame  # rater_query_id (in the rater set's order) -> cluster_id, palette
+
+    @classmethod
+    def load(cls, world: Path, rater: ev.EvalSet) -> StyleTruth:
+        products = pd.read_parquet(world / "truth" / "products.parquet").set_index(
+            "product_id")[["cluster_id", "palette"]]
+        targets = pd.read_parquet(world / "truth" / "rater_queries.parquet").set_index(
+            "rater_query_id")["target_product_id"]
+        catalog = pd.read_parquet(world / "tables" / "catalog.parquet",
+                                  columns=["item_id", "product_id"])
+        items = products.loc[catalog["product_id"]].set_axis(catalog["item_id"])
+        queries = products.loc[targets[rater.query_ids]].set_axis(rater.query_ids)
+        return cls(items, queries)
+
+    def colour_confusion(self, top_items: list[list[str]]) -> float:
+        """Share of top-10 results from another style cluster but the query's palette: the
+        confusion the legacy ranker's "shop the colour" pins teach a position-blind learner."""
+        shares = []
+        for (_, target), items in zip(self.queries.iterrows(), top_items, strict=True):
+            found = self.items.loc[items[:10]]
+            shares.append(float(((found["cluster_id"] != target["cluster_id"])
+                                 & (found["palette"] == target["palette"])).mean()))
+        return float(np.mean(shares))
 
 
 def run(world: Path, harvest: Path, seeds: list[int], work: Path, params: Path) -> dict:
     rater = ev.load_rater_set(world)
+    style = StyleTruth.load(world, rater)
     per_seed = []
     for seed in seeds:
         cfg = TrainConfig.load(params, seed=seed, progress_bar=False)
@@ -69,7 +84,7 @@ def run(world: Path, harvest: Path, seeds: list[int], work: Path, params: Path) 
             {label: ev.embed_fn_from_export(exports[label], world) for label in VARIANTS},
             world, [rater], candidate="debiased")
         q = {v: report.models[v].sets[ev.RATER_SET].query_recall[10] for v in VARIANTS}
-        pins = {v: colour_confusion(world, rater, report.models[v].sets[ev.RATER_SET].top_items)
+        pins = {v: style.colour_confusion(report.models[v].sets[ev.RATER_SET].top_items)
                 for v in VARIANTS}
         lo, hi = ev.paired_bootstrap_ci(q["debiased"], q["naive"])
         row = {"seed": seed,

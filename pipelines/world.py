@@ -107,11 +107,26 @@ SIZES: dict[str, WorldSize] = {
 
 
 def world_id(world: Path) -> str:
-    """Identity of a generated world (its world.json: size, seed, params, counts): caches of
-    anything computed from its images are scoped by it, since paths repeat across worlds."""
+    """Identity of a world: caches of anything computed from its images are scoped by it,
+    since paths repeat across worlds. A generated world is its world.json (size, seed,
+    params, counts); a world assembled from real tables is its table files' names, sizes and
+    modification times."""
     import hashlib
 
-    return hashlib.sha256((Path(world) / "world.json").read_bytes()).hexdigest()[:12]
+    world = Path(world)
+    meta = world / "world.json"
+    digest = hashlib.sha256()
+    if meta.is_file():
+        digest.update(meta.read_bytes())
+    else:
+        tables = sorted((world / "tables").glob("*.parquet"))
+        if not tables:
+            raise FileNotFoundError(f"{world} is not a Loupe world: it has neither world.json "
+                                    "nor tables/*.parquet")
+        for table in tables:
+            st = table.stat()
+            digest.update(f"{table.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
 
 
 def examination_propensity(position: np.ndarray | int) -> np.ndarray:
@@ -456,8 +471,7 @@ def _session_rows(args: tuple) -> tuple[list[dict], list[tuple[str, bytes]]]:
         target = products.iloc[t_idx]
         pool = by_cat[target["category"]]
         rel = _relevance(target, pool)
-        noise = rng.normal(0, 1.0, len(pool))
-        score = rel + policy.relevance_noise * noise  # logging ranker: noisy relevance
+        score = rel + rng.normal(0, policy.relevance_noise, len(pool))  # noisy relevance
         top = np.argsort(-score)[:GRID_SIZE]
         if policy.promoted_slots:
             prng = _rng(seed, "promoted", s)  # own stream: the rest of the session is unchanged

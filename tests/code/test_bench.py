@@ -130,7 +130,7 @@ def test_debias_seed_study_trains_both_variants_per_seed(tiny_world, tiny_harves
 def test_colour_confusion_counts_same_palette_items_of_other_styles(tiny_world):
     import pandas as pd
 
-    from bench.debias_seeds import colour_confusion
+    from bench.debias_seeds import StyleTruth
     from pipelines.evaluate import load_rater_set
 
     rater = load_rater_set(tiny_world)
@@ -139,8 +139,9 @@ def test_colour_confusion_counts_same_palette_items_of_other_styles(tiny_world):
     catalog = catalog.assign(cluster=catalog["product_id"].map(products["cluster_id"]))
     targets = pd.read_parquet(tiny_world / "truth/rater_queries.parquet").set_index(
         "rater_query_id")["target_product_id"]
+    style = StyleTruth.load(tiny_world, rater)
     own_style = [sorted(rel)[:10] for rel in rater.relevant]
-    assert colour_confusion(tiny_world, rater, own_style) == 0.0
+    assert style.colour_confusion(own_style) == 0.0
     # ten items each: other style and same palette count, other style and other palette do not
     mixed, expected = [], []
     for q in rater.query_ids:
@@ -150,6 +151,6 @@ def test_colour_confusion_counts_same_palette_items_of_other_styles(tiny_world):
         rest = other[other["palette"] != target["palette"]]["item_id"].tolist()[:10 - len(same)]
         mixed.append(same + rest)
         expected.append(len(same) / 10)
-    share = colour_confusion(tiny_world, rater, mixed)
+    share = style.colour_confusion(mixed)
     assert share == pytest.approx(sum(expected) / len(expected))
     assert sum(expected) > 0  # the tiny world has such items, so the check is not vacuous

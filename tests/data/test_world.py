@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_contracts import schemas
-from pipelines.world import CATEGORIES, GRID_SIZE, SIZES, generate_world
+from pipelines.world import CATEGORIES, GRID_SIZE, SIZES, generate_world, world_id
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -111,3 +111,19 @@ def test_rater_set_is_held_out_and_after_logs(tiny_world):
 def test_unknown_size_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="unknown world size"):
         generate_world("huge", 0, tmp_path / "x")
+
+
+def test_world_id_names_generated_and_table_only_worlds(tiny_world, tmp_path):
+    meta = (tiny_world / "world.json").read_bytes()
+    assert world_id(tiny_world) == hashlib.sha256(meta).hexdigest()[:12]
+    # a world assembled from real tables has no world.json: its table files name it
+    real = tmp_path / "real"
+    (real / "tables").mkdir(parents=True)
+    catalog = real / "tables" / "catalog.parquet"
+    catalog.write_bytes((tiny_world / "tables" / "catalog.parquet").read_bytes())
+    first = world_id(real)
+    assert first == world_id(real) and first != world_id(tiny_world)
+    catalog.write_bytes(catalog.read_bytes() + b"\0")  # another export of the table
+    assert world_id(real) != first
+    with pytest.raises(FileNotFoundError, match="neither world.json nor tables"):
+        world_id(tmp_path / "empty")
