@@ -9,7 +9,8 @@ the inverse propensity) with `params.yaml`'s recipe and that seed, and scores bo
 the rater set exactly as `loupe evaluate` does. A seed changes the head's initialisation, the
 augmented views, pair order and hard-negative picks, so each seed builds its own frozen-feature
 cache (a few minutes on two cores). The JSON holds per-seed recall@10 of both variants, the
-per-seed paired-bootstrap CI over rater queries and the mean gap across seeds.
+per-seed paired-bootstrap CI over rater queries, and the mean gap across seeds with its 95 %
+Student-t CI over seeds (the uncertainty the README quotes).
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytorch_lightning as pl
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from data_contracts.durable import write_text_atomic  # noqa: E402
 from pipelines import evaluate as ev  # noqa: E402
-from pipelines.train import TrainConfig, train  # noqa: E402
+from pipelines.train import FeatureCache, TrainConfig, train  # noqa: E402
+from pipelines.versions import resolved_versions  # noqa: E402
 
 VARIANTS = ("debiased", "naive")
 
@@ -63,23 +68,77 @@ class StyleTruth:
         return float(np.mean(shares))
 
 
+def seed_ci(diffs: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean gap over training seeds (each seed one draw of the
+    whole recipe: init, views, pair order, negatives); a point interval for one seed."""
+    from scipy.stats import t
+
+    mean = float(np.mean(diffs))
+    if len(diffs) < 2:
+        return mean, mean
+    half = float(t.ppf((1 + level) / 2, len(diffs) - 1) * np.std(diffs, ddof=1)
+                 / np.sqrt(len(diffs)))
+    return mean - half, mean + half
+
+
+class RaterCurve(pl.Callback):
+    """Rater recall@10 of the model after every epoch, from the plain-view trunk features
+    (the cache's); reported next to the validation curve, never used to pick a checkpoint."""
+
+    def __init__(self, world: Path, rater: ev.EvalSet, cache_dir: Path, cfg: TrainConfig):
+        self.world, self.rater, self.cache_dir, self.cfg = world, rater, cache_dir, cfg
+        self.rows: list[dict] = []
+
+    def on_fit_start(self, trainer, module) -> None:
+        catalog = ev.load_catalog(self.world)
+        self.item_ids = catalog["item_id"].to_numpy()
+        boxes = np.vstack([np.tile([0.0, 0.0, 1.0, 1.0], (len(catalog), 1)),
+                           self.rater.query_boxes])
+        images = pd.DataFrame(boxes, columns=["x0", "y0", "x1", "y1"]).assign(
+            path=catalog["image_path"].tolist() + list(self.rater.query_paths))
+        feats = FeatureCache(self.cache_dir, module.model, self.cfg.views, self.cfg.seed
+                             ).features(self.world, images, self.cfg.threads)[:, 0]
+        self.catalog_feats = torch.from_numpy(feats[:len(catalog)].astype(np.float32))
+        self.query_feats = torch.from_numpy(feats[len(catalog):].astype(np.float32))
+
+    @torch.no_grad()
+    def on_train_epoch_end(self, trainer, module) -> None:
+        was = module.model.training
+        module.model.eval()
+        items = module.model.forward_from_frozen(self.catalog_feats).numpy()
+        queries = module.model.forward_from_frozen(self.query_feats).numpy()
+        module.model.train(was)
+        _, rows = ev.exact_search(items, queries, 10)
+        recall = ev.recall_at_k([self.item_ids[r].tolist() for r in rows], self.rater.relevant,
+                                (10,))[10]
+        self.rows.append({"epoch": int(trainer.current_epoch),
+                          "rater_recall_at_10": round(float(recall.mean()), 4)})
+
+
 def run(world: Path, harvest: Path, seeds: list[int], work: Path, params: Path) -> dict:
     rater = ev.load_rater_set(world)
     style = StyleTruth.load(world, rater)
     per_seed = []
     for seed in seeds:
         cfg = TrainConfig.load(params, seed=seed, progress_bar=False)
-        exports, seconds = {}, {}
+        exports, seconds, curves = {}, {}, {}
         for variant in VARIANTS:
             out = work / f"seed{seed}" / variant
-            if (out / "train.json").is_file():  # written last: a finished earlier run
-                exports[variant] = out / "export"
-            else:  # fresh, or resumed after an interruption
-                exports[variant] = train(
-                    world, harvest / f"pairs_{variant}.parquet", out, cfg,
-                    cache_dir=work / "feature_cache",
-                    resume=(out / "checkpoints" / "last.ckpt").exists()).export_dir
-            seconds[variant] = json.loads((out / "train.json").read_text())["train_seconds"]
+            if not (out / "train.json").is_file():  # written last: else a finished earlier run
+                raters = RaterCurve(world, rater, work / "feature_cache", cfg)
+                train(world, harvest / f"pairs_{variant}.parquet", out, cfg,
+                      cache_dir=work / "feature_cache",
+                      resume=(out / "checkpoints" / "last.ckpt").exists(),
+                      callbacks=(raters,))
+                write_text_atomic(out / "rater_curve.json", json.dumps(raters.rows))
+            exports[variant] = out / "export"
+            trained = json.loads((out / "train.json").read_text())
+            seconds[variant] = trained["train_seconds"]
+            rater_rows = {r["epoch"]: r for r in json.loads(
+                (out / "rater_curve.json").read_text())} if (out / "rater_curve.json"
+                                                           ).is_file() else {}
+            curves[variant] = [{**row, **rater_rows.get(row["epoch"], {})}
+                               for row in trained["curve"]]
         report = ev.evaluate_models(
             {label: ev.embed_fn_from_export(exports[label], world) for label in VARIANTS},
             world, [rater], candidate="debiased")
@@ -92,19 +151,23 @@ def run(world: Path, harvest: Path, seeds: list[int], work: Path, params: Path) 
                "naive_recall_at_10": round(float(np.mean(q["naive"])), 4),
                "diff": round(float(np.mean(q["debiased"]) - np.mean(q["naive"])), 4),
                "ci95": [round(lo, 4), round(hi, 4)], "train_seconds": seconds,
+               "curves": curves,
                "top10_same_colour_other_style": {v: round(pins[v], 4) for v in VARIANTS}}
         per_seed.append(row)
         print(f"seed {seed}: debiased {row['debiased_recall_at_10']:.4f}  naive "
               f"{row['naive_recall_at_10']:.4f}  diff {row['diff']:+.4f}  CI95 "
               f"[{lo:+.4f}, {hi:+.4f}]", flush=True)
     diffs = np.array([r["diff"] for r in per_seed])
+    lo, hi = seed_ci(diffs)
     return {"world": str(world), "harvest": str(harvest), "n_rater_queries": len(rater.query_ids),
-            "seeds": per_seed,
+            "versions": resolved_versions(), "seeds": per_seed,
             "mean_debiased_recall_at_10": round(float(np.mean(
                 [r["debiased_recall_at_10"] for r in per_seed])), 4),
             "mean_naive_recall_at_10": round(float(np.mean(
                 [r["naive_recall_at_10"] for r in per_seed])), 4),
             "mean_diff": round(float(diffs.mean()), 4),
+            "mean_diff_ci95_over_seeds": [round(lo, 4), round(hi, 4)],
+            "sd_diff_over_seeds": round(float(diffs.std(ddof=1)), 4) if len(diffs) > 1 else None,
             "mean_top10_same_colour_other_style": {v: round(float(np.mean(
                 [r["top10_same_colour_other_style"][v] for r in per_seed])), 4) for v in VARIANTS},
             "seeds_debiased_ahead": int((diffs > 0).sum()), "n_seeds": len(per_seed)}
@@ -123,13 +186,13 @@ def main() -> None:
         if not need.exists():
             sys.exit(f"missing {need}: generate the world and run `dvc repro harvest` first")
     result = run(args.world, args.harvest, args.seeds, args.work, args.params)
-    print(f"\n| seeds | debiased R@10 | naive R@10 | mean gap | seeds debiased ahead |\n"
-          f"|---|---|---|---|---|\n| {result['n_seeds']} | "
+    lo, hi = result["mean_diff_ci95_over_seeds"]
+    print(f"\n| seeds | debiased R@10 | naive R@10 | mean gap [95 % CI over seeds] | seeds "
+          f"debiased ahead |\n|---|---|---|---|---|\n| {result['n_seeds']} | "
           f"{result['mean_debiased_recall_at_10']:.4f} | {result['mean_naive_recall_at_10']:.4f}"
-          f" | {result['mean_diff']:+.4f} | {result['seeds_debiased_ahead']}/{result['n_seeds']}"
-          f" |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+          f" | {result['mean_diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
+          f"{result['seeds_debiased_ahead']}/{result['n_seeds']} |")
+    write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -47,10 +47,11 @@ from pipelines.embed import (  # noqa: E402
     load_embeddings,
     reembed,
 )
-from pipelines.index import IndexParams, build_index, canary, cutover  # noqa: E402
+from pipelines.index import IndexParams, build_index, canary  # noqa: E402
 from pipelines.ingest import ChangeFeed, FeedEvent, IngestParams, StreamingIndexer  # noqa: E402
-from pipelines.world import SIZES, _make_catalog, _make_products  # noqa: E402
+from pipelines.world import SIZES, make_catalog, make_products  # noqa: E402
 from serving.shards import ShardIndex, ShardStore, layout  # noqa: E402
+from serving.shards.pointer import cutover  # noqa: E402
 
 SEED = 0
 MODEL = attribute_model_version(SEED)
@@ -63,7 +64,7 @@ def large_catalog(work: Path) -> Path:
     path = work / "world" / "tables" / "catalog.parquet"
     if not path.exists():
         size = SIZES["large"]
-        catalog = _make_catalog(_make_products(size, SEED), size, SEED)
+        catalog = make_catalog(make_products(size, SEED), size, SEED)
         path.parent.mkdir(parents=True, exist_ok=True)
         catalog[schemas.CATALOG.names].to_parquet(path, index=False)
     return path.parents[1]

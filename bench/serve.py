@@ -83,11 +83,12 @@ def _features(world: Path, out: Path) -> Path:
 def prepare(work: Path, ort_threads: int, instances: int) -> Prepared:
     """Everything the stack needs under `work`; each piece is reused when present."""
     from pipelines.embed import EmbedParams, attribute_embed_fn, reembed
-    from pipelines.index import IndexParams, build_index, canary, cutover
+    from pipelines.index import IndexParams, build_index, canary
     from pipelines.train import export_baseline
     from pipelines.train_detector import DetectorTrainConfig, train_detector
     from pipelines.world import generate_world
-    from serving.shards import layout
+    from serving.shards import pointer
+    from serving.shards.pointer import cutover
     from serving.triton.repository import TritonModelConfig, add_version
 
     work.mkdir(parents=True, exist_ok=True)
@@ -107,7 +108,7 @@ def prepare(work: Path, ort_threads: int, instances: int) -> Prepared:
     if not features.is_file():
         _features(world, features)
     index_root = work / "index"
-    if layout.pointer(index_root) is None:
+    if pointer.read(index_root) is None:
         params = IndexParams.load()
         emb = work / "embeddings"
         shutil.rmtree(emb, ignore_errors=True)
@@ -143,7 +144,7 @@ def measure_alone(prep: Prepared, photos: list[bytes], candidates: int, reps: in
     from models.detector import ExportedDetector, pick_salient
     from models.export import ExportedEmbedder
     from models.preprocessing import decode_image, embed_input
-    from serving.shards import layout
+    from serving.shards import pointer
     from serving.shards.server import OVERFETCH, Filters, ItemFilter
     from serving.shards.store import ShardStore
 
@@ -154,7 +155,7 @@ def measure_alone(prep: Prepared, photos: list[bytes], candidates: int, reps: in
     item_filter = ItemFilter(pd.read_parquet(prep.features))
     wanted = Filters(available_only=True)
     stores = []
-    for s in range(layout.live_manifest(prep.index_root)["n_shards"]):
+    for s in range(pointer.live_manifest(prep.index_root)["n_shards"]):
         store = ShardStore(prep.index_root, s, MODEL, verify_checksums=False)
         store.load()
         stores.append(store)
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from serving.api.app import ApiSettings
-    from serving.shards import layout
+    from serving.shards import pointer
     from serving.stack import ServingStack
 
     cores = len(os.sched_getaffinity(0))
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{lv['cpu_ms_per_query_total']:.1f} ms {lv['cpu_ms_per_query']}, cores used "
                   f"{lv['cpu_utilization']:.0%}", flush=True)
 
-    n_listings = layout.live_manifest(prep.index_root)["count"]
+    n_listings = pointer.live_manifest(prep.index_root)["count"]
     report = {
         "what": "POST /v1/search end to end (detect -> salient box -> embed -> fan-out -> "
                 "re-rank) against the real serving stack, closed-loop clients",

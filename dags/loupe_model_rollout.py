@@ -13,7 +13,8 @@ Variable `loupe_admin_token` or $LOUPE_ADMIN_TOKEN) the cutover is the search AP
 A failing canary or export fails the run before the cutover, so the previous version stays
 live; `loupe_rollback` flips back after a cutover. Attribute vectors skip the Triton export.
 
-Configuration only: task bodies live in `pipelines/orchestration.py`.
+Configuration only: task bodies live in `pipelines/rollout.py` (run config and defaults in
+`pipelines/orchestration.py`, the model lookup in `pipelines/registry.py`).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def loupe_model_rollout():
 
     @task(execution_timeout=timedelta(minutes=5))
     def resolve_model(config: dict, params=None, triggering_asset_events=None) -> str:
-        from pipelines.orchestration import LoupeConfig, resolve_model
+        from pipelines.orchestration import LoupeConfig
+        from pipelines.registry import resolve_model
 
         events = triggering_asset_events.get(CHAMPION, []) if triggering_asset_events else []
         promoted = events[-1].extra.get("model_version") if events else None
@@ -74,10 +76,11 @@ def loupe_model_rollout():
 
     @task(execution_timeout=timedelta(minutes=5))
     def plan(config: dict, model_version: str, params=None, dag_run=None) -> dict:
-        from pipelines.orchestration import for_run, plan_rollout
+        from pipelines.orchestration import for_run
+        from pipelines.rollout import plan_rollout
 
         return plan_rollout(*for_run(config, dag_run), model_version, dag_run.run_after,
-                            params["n_shards"])
+                            params["n_shards"], params["detector"])
 
     @task
     def list_partitions(plan: dict) -> list[int]:
@@ -90,16 +93,18 @@ def loupe_model_rollout():
     @task(execution_timeout=timedelta(hours=3), max_active_tis_per_dagrun=4,
           map_index_template="partition {{ partition }}")
     def embed_partition(config: dict, plan: dict, partition: int) -> dict:
-        from pipelines.orchestration import LoupeConfig, embed_partition
+        from pipelines.orchestration import LoupeConfig
+        from pipelines.rollout import embed_partition
 
         get_current_context()["partition"] = partition
-        return embed_partition(LoupeConfig(**config), plan["model_version"],
+        return embed_partition(LoupeConfig(**config), plan["model_version"], plan["treatment"],
                                plan["embeddings_dir"], partition)
 
     @task(pool=SHARD_BUILD_POOL, execution_timeout=timedelta(hours=2),
           map_index_template="shard {{ shard }}")
     def build_shard(config: dict, plan: dict, shard: int) -> dict:
-        from pipelines.orchestration import LoupeConfig, build_shard_once
+        from pipelines.orchestration import LoupeConfig
+        from pipelines.rollout import build_shard_once
 
         get_current_context()["shard"] = shard
         return build_shard_once(LoupeConfig(**config), plan["embeddings_dir"],
@@ -107,20 +112,22 @@ def loupe_model_rollout():
 
     @task(execution_timeout=timedelta(minutes=30))
     def finalize_index(plan: dict, dag_run=None) -> dict:
-        from pipelines.orchestration import finalize_index_once
+        from pipelines.rollout import finalize_index_once
 
         return finalize_index_once(plan["version_dir"], plan["n_shards"], {
             "embeddings_dir": plan["embeddings_dir"], "dag_run": dag_run.run_id})
 
     @task(execution_timeout=timedelta(minutes=15))
     def export_triton(config: dict, plan: dict, params=None) -> dict:
-        from pipelines.orchestration import LoupeConfig, export_triton
+        from pipelines.orchestration import LoupeConfig
+        from pipelines.rollout import export_triton
 
-        return export_triton(LoupeConfig(**config), plan["model_version"], params["detector"])
+        return export_triton(LoupeConfig(**config), plan["model_version"], plan["treatment"])
 
     @task(execution_timeout=timedelta(minutes=30))
     def canary(config: dict, plan: dict) -> dict:
-        from pipelines.orchestration import LoupeConfig, run_canary
+        from pipelines.orchestration import LoupeConfig
+        from pipelines.rollout import run_canary
 
         return run_canary(LoupeConfig(**config), plan["index_version"], plan["model_version"])
 
@@ -128,7 +135,8 @@ def loupe_model_rollout():
     def cutover(config: dict, plan: dict, params=None) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from pipelines.orchestration import LoupeConfig, cutover_once
+        from pipelines.orchestration import LoupeConfig
+        from pipelines.rollout import cutover_once
 
         if params["dry_run"]:
             raise AirflowSkipException(f"dry run: {plan['index_version']} is built and passed "
@@ -137,7 +145,8 @@ def loupe_model_rollout():
 
     @task(execution_timeout=timedelta(minutes=10))
     def smoke_query(config: dict, plan: dict) -> dict:
-        from pipelines.orchestration import LoupeConfig, smoke_query
+        from pipelines.orchestration import LoupeConfig
+        from pipelines.rollout import smoke_query
 
         return smoke_query(LoupeConfig(**config), plan["index_version"])
 

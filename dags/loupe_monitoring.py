@@ -3,7 +3,7 @@ the live build's baseline, index age, per-shard p99 latency. Writes every metric
 `health.json` and `<runs_dir>/monitoring/latest.json`) and then fails loudly (task failure +
 alert callback) on any breach. Skips while nothing is live.
 
-Configuration only: task bodies live in `pipelines/orchestration.py`.
+Configuration only: task bodies live in `pipelines/monitor.py`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import TriggerRule, dag, task
 
-from pipelines.orchestration import config_params, default_args, health_params
+from pipelines.monitor import health_params
+from pipelines.orchestration import config_params, default_args
 
 CHECKS = ("replay_canary", "embedding_drift", "index_age", "shard_latency")
 
@@ -39,36 +40,36 @@ def loupe_monitoring():
 
     @task
     def find_live(config: dict) -> str:
-        from airflow.sdk.exceptions import AirflowSkipException
+        from pipelines.orchestration import LoupeConfig, skip_if_nothing_live
+        from pipelines.rollout import live_index_version
 
-        from pipelines.orchestration import LoupeConfig, NothingLive, live_index_version
-
-        try:
-            return live_index_version(LoupeConfig(**config))
-        except NothingLive as err:
-            raise AirflowSkipException(str(err)) from err
+        return skip_if_nothing_live(live_index_version, LoupeConfig(**config))
 
     @task
     def replay_canary(config: dict, live: str, params=None) -> dict:
-        from pipelines.orchestration import LoupeConfig, replay_canary, thresholds_from
+        from pipelines.monitor import replay_canary, thresholds_from
+        from pipelines.orchestration import LoupeConfig
 
         return replay_canary(LoupeConfig(**config), live, thresholds_from(params))
 
     @task
     def embedding_drift(config: dict, live: str, params=None) -> dict:
-        from pipelines.orchestration import LoupeConfig, embedding_drift, thresholds_from
+        from pipelines.monitor import embedding_drift, thresholds_from
+        from pipelines.orchestration import LoupeConfig
 
         return embedding_drift(LoupeConfig(**config), live, thresholds_from(params))
 
     @task
     def index_age(config: dict, live: str, params=None) -> dict:
-        from pipelines.orchestration import LoupeConfig, index_age, thresholds_from
+        from pipelines.monitor import index_age, thresholds_from
+        from pipelines.orchestration import LoupeConfig
 
         return index_age(LoupeConfig(**config), live, thresholds_from(params))
 
     @task
     def shard_latency(config: dict, live: str, params=None) -> dict:
-        from pipelines.orchestration import LoupeConfig, shard_latency, thresholds_from
+        from pipelines.monitor import shard_latency, thresholds_from
+        from pipelines.orchestration import LoupeConfig
 
         return shard_latency(LoupeConfig(**config), live, thresholds_from(params))
 
@@ -77,7 +78,8 @@ def loupe_monitoring():
         """Runs after every check, failed ones included, so a breach is always written."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from pipelines.orchestration import for_run, report_health
+        from pipelines.monitor import report_health
+        from pipelines.orchestration import for_run
 
         config, live = ti.xcom_pull(task_ids="configure"), ti.xcom_pull(task_ids="find_live")
         if config is None or live is None:

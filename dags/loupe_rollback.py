@@ -4,7 +4,7 @@ while after a cutover, so serving flips without a reload. With serving attached 
 + admin token, as for `loupe_model_rollout`) the flip is the search API's /admin/rollback,
 which moves the model and the index together, and the smoke query goes through its search.
 
-Configuration only: task bodies live in `pipelines/orchestration.py`.
+Configuration only: task bodies live in `pipelines/rollout.py`.
 """
 
 from __future__ import annotations
@@ -37,13 +37,15 @@ def loupe_rollback():
 
     @task(execution_timeout=timedelta(minutes=5))
     def rollback(config: dict) -> dict:
-        from pipelines.orchestration import LoupeConfig, rollback_live
+        from pipelines.orchestration import LoupeConfig
+        from pipelines.rollout import rollback_live
 
         return rollback_live(LoupeConfig(**config))
 
     @task(execution_timeout=timedelta(minutes=10))
     def smoke_query(config: dict, moved: dict) -> dict:
-        from pipelines.orchestration import LoupeConfig, smoke_query
+        from pipelines.orchestration import LoupeConfig
+        from pipelines.rollout import smoke_query
 
         return smoke_query(LoupeConfig(**config), moved["to"])
 

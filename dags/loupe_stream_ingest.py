@@ -5,7 +5,7 @@ tombstoned) until caught up or out of time, then alert when the feed lags.
 The indexer checkpoints with every batch, so an interrupted run loses and repeats nothing;
 one run at a time. Skips while nothing is live.
 
-Configuration only: task bodies live in `pipelines/orchestration.py`.
+Configuration only: task bodies live in `pipelines/ingest.py`.
 """
 
 from __future__ import annotations
@@ -46,18 +46,15 @@ def loupe_stream_ingest():
 
     @task(execution_timeout=timedelta(minutes=10))
     def ingest(config: dict, params=None) -> dict:
-        from airflow.sdk.exceptions import AirflowSkipException
+        from pipelines.ingest import ingest_micro_batch
+        from pipelines.orchestration import LoupeConfig, skip_if_nothing_live
 
-        from pipelines.orchestration import LoupeConfig, NothingLive, ingest_micro_batch
-
-        try:
-            return ingest_micro_batch(LoupeConfig(**config), params["max_seconds"])
-        except NothingLive as err:
-            raise AirflowSkipException(str(err)) from err
+        return skip_if_nothing_live(ingest_micro_batch, LoupeConfig(**config),
+                                    params["max_seconds"])
 
     @task(execution_timeout=timedelta(minutes=2))
     def check_lag(result: dict, params=None) -> dict:
-        from pipelines.orchestration import check_ingest_lag
+        from pipelines.ingest import check_ingest_lag
 
         return check_ingest_lag(result, params["max_pending_events"], params["max_lag_s"])
 

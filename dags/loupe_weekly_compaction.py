@@ -3,7 +3,7 @@ dropped, upserts added, graph refitted), canary it, cut it over, prune the folde
 and smoke-query what is live. Skips while nothing is live; a failing canary leaves the live
 version in place.
 
-Configuration only: task bodies live in `pipelines/orchestration.py`.
+Configuration only: task bodies live in `pipelines/rollout.py`.
 """
 
 from __future__ import annotations
@@ -36,37 +36,37 @@ def loupe_weekly_compaction():
 
     @task(execution_timeout=timedelta(hours=2))
     def compact(config: dict, dag_run=None) -> dict:
-        from airflow.sdk.exceptions import AirflowSkipException
+        from pipelines.orchestration import LoupeConfig, skip_if_nothing_live
+        from pipelines.rollout import compact_once
 
-        from pipelines.orchestration import LoupeConfig, NothingLive, compact_once
-
-        try:
-            return compact_once(LoupeConfig(**config), dag_run.run_after)
-        except NothingLive as err:
-            raise AirflowSkipException(str(err)) from err
+        return skip_if_nothing_live(compact_once, LoupeConfig(**config), dag_run.run_after)
 
     @task(execution_timeout=timedelta(minutes=30))
     def canary(config: dict, compacted: dict) -> dict:
-        from pipelines.orchestration import LoupeConfig, run_canary
+        from pipelines.orchestration import LoupeConfig
+        from pipelines.rollout import run_canary
 
         return run_canary(LoupeConfig(**config), compacted["index_version"],
                           compacted["model_version"])
 
     @task(execution_timeout=timedelta(minutes=5))
     def cutover(config: dict, compacted: dict) -> dict:
-        from pipelines.orchestration import LoupeConfig, cutover_once
+        from pipelines.orchestration import LoupeConfig
+        from pipelines.rollout import cutover_once
 
         return cutover_once(LoupeConfig(**config), compacted["index_version"])
 
     @task(execution_timeout=timedelta(minutes=10))
     def prune_delta(config: dict) -> dict:
-        from pipelines.orchestration import LoupeConfig, prune_delta_rows
+        from pipelines.orchestration import LoupeConfig
+        from pipelines.rollout import prune_delta_rows
 
         return prune_delta_rows(LoupeConfig(**config))
 
     @task(execution_timeout=timedelta(minutes=10))
     def smoke_query(config: dict, compacted: dict) -> dict:
-        from pipelines.orchestration import LoupeConfig, smoke_query
+        from pipelines.orchestration import LoupeConfig
+        from pipelines.rollout import smoke_query
 
         return smoke_query(LoupeConfig(**config), compacted["index_version"])
 

@@ -37,13 +37,11 @@ from great_expectations.expectations import (
 from great_expectations.expectations.expectation import Expectation
 
 from data_contracts import schemas
+from data_contracts.constants import GRID_SIZE, LOGGING_POLICIES, UNIT_NORM_TOL
 
 NOW = "now"  # suite parameter: timestamps may not be later than this reference time
-MAX_POSITION = 20  # largest grid the logging policy shows (pipelines.world.GRID_SIZE)
-LOGGING_POLICIES = ("ranker", "shuffle_top20")  # the harvester understands exactly these
 GRADES = (0, 1, 2)  # docs/rater_guidelines.md: not similar, similar style, same product
 SPLITS = ("train", "val", "test")
-NORM_TOLERANCE = 1e-3  # |‖v‖ - 1| allowed for float32 L2-normalised vectors
 
 # tables whose item_id must exist in the catalog (validated against a catalog file)
 NEEDS_CATALOG = frozenset({"impressions", "boards", "rater_judgments", "scene_objects"})
@@ -123,7 +121,7 @@ def _table_expectations(table: str) -> list[Expectation]:
         return [
             _unique("impression_id"), _unique("session_id", "position"),
             _unique("session_id", "item_id"),
-            ExpectColumnValuesToBeBetween(column="position", min_value=1, max_value=MAX_POSITION),
+            ExpectColumnValuesToBeBetween(column="position", min_value=1, max_value=GRID_SIZE),
             ExpectColumnValuesToBeInSet(column="logging_policy", value_set=list(LOGGING_POLICIES)),
             _not_future("ts"), _non_empty("query_image_path"),
             *_box("query_x0", "query_y0", "query_x1", "query_y1"), *_known_items(),
@@ -153,8 +151,8 @@ def _table_expectations(table: str) -> list[Expectation]:
                                                     min_value=1, max_value=1),
             ExpectColumnValuesToBeInSet(column=VECTOR_DIM, value_set=[schemas.EMBEDDING_DIM]),
             ExpectColumnValuesToBeBetween(column=VECTOR_NONFINITE, max_value=0),
-            ExpectColumnValuesToBeBetween(column=VECTOR_NORM, min_value=1 - NORM_TOLERANCE,
-                                          max_value=1 + NORM_TOLERANCE),
+            ExpectColumnValuesToBeBetween(column=VECTOR_NORM, min_value=1 - UNIT_NORM_TOL,
+                                          max_value=1 + UNIT_NORM_TOL),
         ]
     raise ValueError(f"unknown table {table!r}; known tables: {', '.join(schemas.TABLES)}")
 

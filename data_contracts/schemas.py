@@ -43,7 +43,7 @@ IMPRESSIONS = pa.schema(
         ("query_y1", pa.float64()),
         ("item_id", pa.string()),
         ("position", pa.int64()),  # 1-based rank in the grid the user saw
-        ("logging_policy", pa.string()),  # "ranker" or "shuffle_top20" (randomised share)
+        ("logging_policy", pa.string()),  # one of constants.LOGGING_POLICIES
         ("ranker_score", pa.float64()),
         ("clicked", pa.bool_()),
         ("saved", pa.bool_()),

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from data_contracts.durable import write_atomic, write_json_atomic
 from models.backbones import load_efficientnet_lite
 from models.preprocessing import LITE_MEAN, LITE_STD, resize_to_array
 
@@ -314,6 +315,55 @@ def pick_salient(boxes: torch.Tensor, scores: torch.Tensor, sigma: float = SALIE
     return int(torch.argmax(values))
 
 
+WHOLE_PHOTO = (0.0, 0.0, 1.0, 1.0)
+PICK_RULES = ("category", "salient", "whole")
+
+
+@dataclass(frozen=True)
+class PickPolicy:
+    """Which box of a catalog photo gets cropped and embedded: the first rule that finds one.
+
+    "category": the most salient detection whose category is the listing's; "salient": the
+    most salient detection (`pick_salient`, the box a user is offered for the same photo);
+    "whole": the whole photo. The default is the query path's rule; a policy is recorded with
+    the vectors it made (`str(policy)`, e.g. "salient>whole") because another policy makes
+    other vectors.
+    """
+
+    rules: tuple[str, ...] = ("salient", "whole")
+
+    def __post_init__(self) -> None:
+        rules = self.rules
+        if (not rules or rules[-1] != "whole" or len(set(rules)) != len(rules)
+                or set(rules) - set(PICK_RULES)):
+            raise ValueError(f"pick policy {'>'.join(self.rules)!r}: rules must be distinct, "
+                             f"from {PICK_RULES}, and end with 'whole' (e.g. "
+                             "'category>salient>whole')")
+
+    def __str__(self) -> str:
+        return ">".join(self.rules)
+
+    @classmethod
+    def parse(cls, text: str) -> PickPolicy:
+        return cls(tuple(text.split(">")))
+
+    def pick(self, det: Detections, categories: list[str], category: str | None = None
+             ) -> tuple[float, float, float, float]:
+        """The box (normalised x0, y0, x1, y1) to crop from a photo with detections `det`;
+        `categories` names the detector's labels, `category` is the listing's (or None)."""
+        for rule in self.rules[:-1]:  # the last rule, "whole", always has its box
+            keep = torch.arange(len(det))
+            if rule == "category":
+                if category is None:
+                    continue
+                keep = torch.tensor([i for i, lab in enumerate(det.labels.tolist())
+                                     if categories[lab] == category], dtype=torch.long)
+            best = pick_salient(det.boxes[keep], det.scores[keep])
+            if best is not None:
+                return tuple(float(v) for v in det.boxes[keep[best]])
+        return WHOLE_PHOTO
+
+
 # --------------------------------------------------------------------------- export
 SPEC_FILE = "detector.json"
 ONNX_FILE = "detector.onnx"
@@ -325,7 +375,7 @@ def export_onnx(model: CenterNetDetector, out_dir: Path, categories: list[str],
     """Write detector.onnx (the network, dynamic batch) and detector.json (what decodes it).
 
     The spec carries the category order, input size and decode settings so a server never
-    pairs a graph with the wrong labels; both files are written to temp names and renamed.
+    pairs a graph with the wrong labels; both files are written atomically.
     """
     if len(categories) != model.num_classes:
         raise ValueError(f"{len(categories)} categories for a {model.num_classes}-class model")
@@ -337,18 +387,14 @@ def export_onnx(model: CenterNetDetector, out_dir: Path, categories: list[str],
         model, (example,), input_names=["images"], output_names=["raw"],
         dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=256)}},
         dynamo=True, verbose=False)
-    tmp = out_dir / (ONNX_FILE + ".tmp")
-    program.save(str(tmp))
-    tmp.replace(out_dir / ONNX_FILE)
+    write_atomic(out_dir / ONNX_FILE, lambda tmp: program.save(str(tmp)))
     spec = {"design": "CenterNet (Zhou et al. 2019) on EfficientNet-Lite0 blocks 0-10",
             "categories": list(categories), "input_size": model.input_size, "stride": STRIDE,
             "input": "images: float32 (B, 3, S, S) RGB in [0, 1]",
             "output": "raw: float32 (B, C + 4, S/8, S/8) = heatmap logits | size | offset",
             "score_threshold": score_threshold, "iou_threshold": iou_threshold,
             "max_detections": max_detections}
-    tmp_spec = out_dir / (SPEC_FILE + ".tmp")
-    tmp_spec.write_text(json.dumps(spec, indent=1))
-    tmp_spec.replace(out_dir / SPEC_FILE)
+    write_json_atomic(out_dir / SPEC_FILE, spec, sort_keys=False)
     return out_dir / ONNX_FILE
 
 

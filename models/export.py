@@ -13,7 +13,6 @@ vectors; `ExportedEmbedder` is the runner every consumer shares.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_contracts.durable import atomic_dir
 from models.embedder import Embedder
 from models.preprocessing import EMBED_PX
 
@@ -48,25 +48,28 @@ def export_onnx(module: nn.Module, path: Path, input_name: str = "images",
 
 
 def export_embedder(model: Embedder, out_dir: Path, extra: dict | None = None) -> Path:
-    """Write the export directory (see module doc) via a temp dir + rename: a reader never
-    sees a half-written model."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Write the export directory (see module doc) atomically: a reader never sees a
+    half-written model."""
     model = model.eval()
-    export_onnx(model, tmp / ONNX_FILE, "images", "embeddings")
-    with torch.no_grad():
-        traced = torch.jit.trace(model, torch.rand(2, 3, EMBED_PX, EMBED_PX))
-    traced.save(str(tmp / TORCHSCRIPT_FILE))
-    spec = {"spec": asdict(model.spec), "dim": model.spec.dim, "input_px": EMBED_PX,
-            "input": "images: float32 (B, 3, S, S) RGB in [0, 1]",
-            "output": "embeddings: float32 (B, dim), L2-normalised", **(extra or {})}
-    (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=1))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.replace(out_dir)
-    return out_dir
+    with atomic_dir(Path(out_dir)) as tmp:
+        export_onnx(model, tmp / ONNX_FILE, "images", "embeddings")
+        with torch.no_grad():
+            traced = torch.jit.trace(model, torch.rand(2, 3, EMBED_PX, EMBED_PX))
+        traced.save(str(tmp / TORCHSCRIPT_FILE))
+        spec = {"spec": asdict(model.spec), "dim": model.spec.dim, "input_px": EMBED_PX,
+                "input": "images: float32 (B, 3, S, S) RGB in [0, 1]",
+                "output": "embeddings: float32 (B, dim), L2-normalised", **(extra or {})}
+        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=1))
+    return Path(out_dir)
+
+
+def export_files(export_dir: Path) -> list[Path]:
+    """The files of an export directory, as logged and registered."""
+    files = [Path(export_dir) / name for name in EXPORT_FILES]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"export incomplete: {missing[0]} is missing")
+    return files
 
 
 def onnx_session(path: Path, threads: int = 2):

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from pipelines.params import load_section
+from pipelines.config import load_section
 
 
 def _world(size: str, seed: int, root: Path) -> Path:
@@ -47,13 +47,14 @@ def _xcom(summary: dict, task_id: str):
 
 
 def _run(dag_id: str, conf: dict, report: Path) -> dict:
-    from pipelines.orchestration import _write_json, run_dag
+    from data_contracts.durable import write_json_atomic
+    from pipelines.airflow_local import run_dag
 
     t0 = time.perf_counter()
     summary = run_dag(dag_id, conf)
     timings = json.loads(report.read_text()) if report.is_file() else {}
     timings[dag_id] = summary
-    _write_json(report, timings)
+    write_json_atomic(report, timings)
     print(f"[{dag_id}] {summary['state']} in {time.perf_counter() - t0:.0f} s")
     if summary["state"] != "success":
         failed = [t for t, v in summary["tasks"].items() if v["state"] != "success"]
@@ -66,7 +67,7 @@ def _detector(cfg, params: Path) -> None:
     """Train and register the scene detector the rollout installs into Triton, once per
     world; its metrics stay in the MLflow run and runs/ (reports/detector.json belongs to
     the DVC stage `train_detector`)."""
-    from pipelines.params import load_section
+    from pipelines.config import load_section
     from pipelines.train_detector import DetectorTrainConfig, register_detector, train_detector
 
     out = cfg.runs / "detector"
@@ -90,9 +91,9 @@ def _serve(cfg, harvest_dir: Path) -> None:
     live index's model version, so query and catalog vectors never come from two models."""
     from pipelines.features import write_item_features
     from pipelines.serve import serve_until_stopped
-    from serving.shards import layout
+    from serving.shards import pointer
 
-    live = layout.live_manifest(cfg.index)
+    live = pointer.live_manifest(cfg.index)
     features = write_item_features(cfg.world, harvest_dir, cfg.runs / "serve" / "features.parquet")
     serve_until_stopped(
         cfg.triton_repository, cfg.index, cfg.world, features, cfg.runs / "serve" / "run", 2,
@@ -107,7 +108,8 @@ def _serve(cfg, harvest_dir: Path) -> None:
 
 
 def run_demo(root: Path, params: Path | None = None, serve: bool = True) -> dict:
-    from pipelines.orchestration import resolve_config, use_airflow_home
+    from pipelines.airflow_local import use_airflow_home
+    from pipelines.orchestration import resolve_config
 
     root = Path(root).resolve()
     params = Path(params or root / "params.yaml").resolve()

@@ -9,16 +9,22 @@ past it are orphans of the killed batch and are replaced, so nothing is embedded
 nothing is lost.
 
     <out_dir>/
-      run.json                  model version, partition count, catalog fingerprint
+      run.json                  model version, treatment, partition count, catalog fingerprint
       part-0003/
         progress.json           items_total, items_done, done, partition fingerprint
         rows-0000000.parquet    EMBEDDINGS schema rows [0, batch) of the partition
         rows-0000064.parquet    ...
 
 `embed_fn(paths, boxes) -> (n, 256) float32 unit vectors` (paths relative to the world root)
-is supplied by the caller: `registered_embed_fn` builds it from a registered model (detect ->
-salient box -> crop -> embed, the query path's treatment); `attribute_embed_fn` is the
-stand-in for worlds without images (benchmarks) and tests.
+is supplied by the caller. Every path that turns catalog photos into a model version's
+vectors (the rollout's re-embed, `loupe serve`'s index build, streaming ingest) uses
+`catalog_treatment`: the query path's detect -> pick a box (models.detector.PickPolicy) ->
+crop -> embed with the exported embedder and detector, so both sides of a search describe
+objects, not scenes, and one model version has one vector set. The detector version and pick
+policy are recorded in run.json beside the model version (a resumed run with another
+treatment is refused). `embed_fn_from_model` / `embed_fn_from_export` embed whole photos or
+caller-given boxes (rater queries); `attribute_embed_fn` is the model-free stand-in for
+worlds without images (benchmarks) and tests.
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -40,8 +47,13 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from data_contracts import schemas
-from pipelines.params import load_section
-from serving.shards.layout import stable_bucket, write_json_atomic
+from data_contracts.constants import UNIT_NORM_TOL
+from data_contracts.durable import write_atomic, write_json_atomic
+from pipelines.config import load_section
+from serving.shards.layout import stable_bucket
+
+if TYPE_CHECKING:  # torch-free at import: index, ingest and the CLI read this module
+    from models.detector import PickPolicy
 
 log = logging.getLogger("loupe.embed")
 
@@ -49,7 +61,6 @@ EmbedFn = Callable[[Sequence[str], np.ndarray | None], np.ndarray]
 RUN_FILE = "run.json"
 PROGRESS_FILE = "progress.json"
 QUARANTINE_DIR = "_quarantine"
-UNIT_NORM_TOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -93,11 +104,12 @@ def read_catalog(world_root: Path) -> pd.DataFrame:
     return cat.sort_values("item_id").reset_index(drop=True)
 
 
-def _init_run(out_dir: Path, model_version: str, n_partitions: int, catalog: pd.DataFrame
-              ) -> None:
+def _init_run(out_dir: Path, model_version: str, treatment: dict | None, n_partitions: int,
+              catalog: pd.DataFrame) -> None:
     """Create run.json exclusively (partition tasks race for it) or check it matches."""
-    want = {"model_version": model_version, "n_partitions": n_partitions,
-            "catalog_items": len(catalog), "catalog_fingerprint": _fingerprint(catalog)}
+    want = {"model_version": model_version, "treatment": treatment,
+            "n_partitions": n_partitions, "catalog_items": len(catalog),
+            "catalog_fingerprint": _fingerprint(catalog)}
     path = Path(out_dir) / RUN_FILE
     if not path.exists():
         tmp = path.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
@@ -109,9 +121,9 @@ def _init_run(out_dir: Path, model_version: str, n_partitions: int, catalog: pd.
         finally:
             tmp.unlink()
     have = json.loads(path.read_text())
-    for key in ("model_version", "n_partitions"):
-        if have[key] != want[key]:
-            raise ValueError(f"{out_dir} holds an embedding run with {key}={have[key]!r}, "
+    for key in ("model_version", "treatment", "n_partitions"):
+        if have.get(key) != want[key]:
+            raise ValueError(f"{out_dir} holds an embedding run with {key}={have.get(key)!r}, "
                              f"not {want[key]!r}: use a new directory per model version")
     if have["catalog_fingerprint"] != want["catalog_fingerprint"]:
         raise ValueError(f"{out_dir}: the catalog changed since this embedding run started "
@@ -148,13 +160,14 @@ def embeddings_table(item_ids: Sequence[str], model_version: str, vectors: np.nd
 
 
 def _write_part(path: Path, table: pa.Table, validate: bool, quarantine: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    if validate:
-        from pipelines.validate import validate_table
+    def write(tmp: Path) -> None:
+        pq.write_table(table, tmp)
+        if validate:
+            from data_contracts.validation import validate_table
 
-        validate_table("embeddings", tmp, quarantine_dir=quarantine, docs_dir=None)
-    os.replace(tmp, path)
+            validate_table("embeddings", tmp, quarantine_dir=quarantine, docs_dir=None)
+
+    write_atomic(path, write)
 
 
 def _embed_partition(items: pd.DataFrame, partition: int, model_version: str,
@@ -203,7 +216,8 @@ def reembed(world_root: Path, model_version: str, embed_fn: EmbedFn, out_dir: Pa
             partitions: Sequence[int] | None = None, batch_size: int = 64, *,
             n_partitions: int = 8, validate: bool = True, show_progress: bool = True) -> dict:
     """Embed the catalog partitions `partitions` (all when None) into `out_dir`, resuming
-    each from its checkpoint. Returns items embedded per partition and the elapsed time."""
+    each from its checkpoint. Returns items embedded per partition and the elapsed time.
+    A `CatalogTreatment` embed_fn's detector version and pick policy go into run.json."""
     if not model_version:
         raise ValueError("model_version is required: vectors always carry their model")
     if n_partitions < 1 or batch_size < 1:
@@ -216,7 +230,8 @@ def reembed(world_root: Path, model_version: str, embed_fn: EmbedFn, out_dir: Pa
     catalog = read_catalog(world_root)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _init_run(out_dir, model_version, n_partitions, catalog)
+    treatment = embed_fn.metadata if isinstance(embed_fn, CatalogTreatment) else None
+    _init_run(out_dir, model_version, treatment, n_partitions, catalog)
     bucket = np.array([partition_of(i, n_partitions) for i in catalog["item_id"]])
     t0 = time.perf_counter()
     embedded = {}
@@ -226,8 +241,8 @@ def reembed(world_root: Path, model_version: str, embed_fn: EmbedFn, out_dir: Pa
                                        batch_size, validate, show_progress)
         log.info("embed %s: partition %d/%d: %d new vectors, %d total", model_version, p,
                  n_partitions, embedded[p], len(items))
-    return {"model_version": model_version, "out_dir": str(out_dir), "embedded": embedded,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return {"model_version": model_version, "treatment": treatment, "out_dir": str(out_dir),
+            "embedded": embedded, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 # --------------------------------------------------------------------------- reading
@@ -236,6 +251,7 @@ class Embeddings:
     item_ids: np.ndarray  # str, sorted
     vectors: np.ndarray  # (n, 256) float32 unit
     model_version: str
+    treatment: dict | None = None  # CatalogTreatment.metadata of the run, None for attributes
 
 
 def embedding_progress(embeddings_dir: Path) -> dict:
@@ -277,7 +293,7 @@ def load_embeddings(embeddings_dir: Path) -> Embeddings:
                .reshape(len(ids), schemas.EMBEDDING_DIM).astype(np.float32, copy=False))
     order = np.argsort(ids, kind="stable")
     return Embeddings(ids[order], np.ascontiguousarray(vectors[order]),
-                      status["model_version"])
+                      status["model_version"], status.get("treatment"))
 
 
 # --------------------------------------------------------------------------- embed_fns
@@ -341,35 +357,95 @@ def attribute_model_version(seed: int) -> str:
     return f"attributes/{seed}"
 
 
-def salient_boxes(detector, world_root: Path, paths: Sequence[str]) -> np.ndarray:
-    """The detector's salient box per photo (models.detector.pick_salient), whole image when
-    it finds nothing: the box a user would get offered for the same photo."""
-    from PIL import Image
+def embed_fn_from_model(model, root: Path, batch_size: int = 64) -> EmbedFn:
+    """embed_fn over an embedder (torch module or ExportedEmbedder): whole photos, or the
+    caller's boxes, through the shared preprocessing of `models.embedder.embed_images`."""
+    from models.embedder import embed_images
 
-    from models.detector import pick_salient
+    root = Path(root)
 
-    images = [Image.open(Path(world_root) / p).convert("RGB") for p in paths]
-    boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0]), (len(paths), 1))
-    for i, det in enumerate(detector.detect(images)):
-        best = pick_salient(det.boxes, det.scores)
-        if best is not None:
-            boxes[i] = det.boxes[best].numpy()
-    return boxes
-
-
-def detect_crop_embed_fn(world_root: Path, detector, model, embed_images) -> EmbedFn:
-    """Catalog photos get the query path's treatment: detect -> salient box -> crop -> embed.
-
-    `detector` has `detect(images) -> list[Detections]` (models.detector.ExportedDetector);
-    `embed_images(model, root, paths, boxes)` crops each box and embeds it (models.embedder).
-    Boxes given by the caller (a rater query's box) skip detection.
-    """
     def embed(paths: Sequence[str], boxes: np.ndarray | None) -> np.ndarray:
-        if boxes is None:
-            boxes = salient_boxes(detector, world_root, paths)
-        return embed_images(model, Path(world_root), list(paths), boxes)
+        return embed_images(model, root, list(paths), boxes, batch_size=batch_size)
 
     return embed
+
+
+def embed_fn_from_export(export_dir: Path, root: Path, batch_size: int = 64) -> EmbedFn:
+    """embed_fn over an export directory (models.export: embedder.onnx run by onnxruntime):
+    the artifact that is registered and served is the one measured."""
+    from models.export import ExportedEmbedder
+
+    return embed_fn_from_model(ExportedEmbedder(Path(export_dir)), root, batch_size)
+
+
+@dataclass(frozen=True)
+class CatalogTreatment:
+    """The catalog treatment: detect -> pick a box (`policy`) -> crop -> embed.
+
+    It is the query path's treatment (the search page offers the salient box of the user's
+    photo), so a catalog vector and a query vector describe the same kind of thing: one
+    object. `detector` has `detect(images)` and `categories` (models.detector
+    .ExportedDetector); `embedder` is what `models.embedder.embed_images` runs. Boxes given
+    by the caller (a rater query's box) skip detection. `categories` maps image path ->
+    listing category for the policy's "category" rule.
+    """
+
+    embedder: Any
+    detector: Any
+    root: Path
+    detector_version: str
+    policy: PickPolicy
+    categories: Mapping[str, str] = field(default_factory=dict)
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.detector_version:
+            raise ValueError("detector_version is required: catalog vectors record the "
+                             "detector that picked their boxes")
+
+    @property
+    def metadata(self) -> dict:
+        """What run.json records: another detector or policy makes other vectors."""
+        return {"detector_version": self.detector_version, "pick_policy": str(self.policy)}
+
+    def boxes(self, paths: Sequence[str]) -> np.ndarray:
+        """The box the policy picks in each photo, (n, 4) normalised."""
+        from PIL import Image
+
+        images = [Image.open(Path(self.root) / p).convert("RGB") for p in paths]
+        return np.array([self.policy.pick(det, self.detector.categories,
+                                          self.categories.get(path))
+                         for path, det in zip(paths, self.detector.detect(images),
+                                              strict=True)], dtype=np.float64).reshape(-1, 4)
+
+    def __call__(self, paths: Sequence[str], boxes: np.ndarray | None = None) -> np.ndarray:
+        from models.embedder import embed_images
+
+        if boxes is None:
+            boxes = self.boxes(paths)
+        return embed_images(self.embedder, Path(self.root), list(paths), boxes,
+                            batch_size=self.batch_size)
+
+
+def catalog_treatment(embedder_dir: Path, detector_dir: Path, root: Path,
+                      detector_version: str, policy: PickPolicy | None = None,
+                      batch_size: int = 64, threads: int = 2) -> CatalogTreatment:
+    """The catalog treatment over a model version's exported embedder and detector (the files
+    Triton serves), the one way catalog photos become that version's vectors. No `policy`:
+    the query path's rule (`PickPolicy()`: the salient box, else the whole photo)."""
+    from models.detector import ExportedDetector, PickPolicy
+    from models.export import ExportedEmbedder
+
+    policy = PickPolicy() if policy is None else policy
+
+    categories: dict[str, str] = {}
+    if "category" in policy.rules:
+        catalog = pq.read_table(Path(root) / "tables" / "catalog.parquet",
+                                columns=["image_path", "category"]).to_pandas()
+        categories = dict(zip(catalog["image_path"], catalog["category"], strict=True))
+    return CatalogTreatment(ExportedEmbedder(Path(embedder_dir), threads=threads),
+                            ExportedDetector(Path(detector_dir), threads=threads), Path(root),
+                            detector_version, policy, categories, batch_size)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -393,7 +469,7 @@ def _cli(args) -> int:
     params = EmbedParams.load(args.params)
     if args.attribute_vectors is None:
         raise ValueError("--attribute-vectors SEED is required (registered-model embedding "
-                         "is available from Python: detect_crop_embed_fn)")
+                         "is available from Python: catalog_treatment)")
     model_version = attribute_model_version(args.attribute_vectors)
     embed_fn = attribute_embed_fn(args.world, args.attribute_vectors)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -32,9 +32,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from data_contracts.constants import UNIT_NORM_TOL
+from data_contracts.durable import write_json_atomic, write_text_atomic
+
 KS: tuple[int, ...] = (1, 5, 10, 50)
 REPORT_TOP = 10  # results shown per query in the HTML report
-UNIT_NORM_TOL = 1e-3
 RATER_SET = "rater"
 ENGAGEMENT_SET = "engagement"
 CANDIDATE = "model"
@@ -436,12 +438,7 @@ def write_html_report(report: EvalReport, eval_set: EvalSet, world: Path, out_ht
         parts.append(f"<div class='grid' data-query='{html.escape(eval_set.query_ids[i])}'>"
                      + "".join(figs) + "</div>")
     parts.append("</body></html>")
-    out_html = Path(out_html)
-    out_html.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_html.with_name(out_html.name + ".tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(out_html)
-    return out_html
+    return write_text_atomic(Path(out_html), "\n".join(parts))
 
 
 def write_reports(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: Path,
@@ -450,12 +447,9 @@ def write_reports(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rater = next(s for s in sets if s.name == RATER_SET)
-    summary = out_dir / "eval_summary.json"
-    tmp = summary.with_name(summary.name + ".tmp")
-    tmp.write_text(json.dumps(report.summary(), indent=1))
-    tmp.replace(summary)
     return {
-        "summary": summary,
+        "summary": write_json_atomic(out_dir / "eval_summary.json", report.summary(),
+                                     sort_keys=False),
         "plot": plot_recall(report, out_dir / "recall_at_k.png"),
         "html": write_html_report(report, rater, world, out_dir / "eval_report.html",
                                   n_report_queries),
@@ -521,10 +515,11 @@ def publish(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: P
             registry_cfg, model_files: Sequence[Path], params: Mapping[str, object] | None = None,
             propensity_png: Path | None = None, promote: bool = False,
             n_report_queries: int = 20, run_name: str | None = None,
-            extra_metrics: Mapping[str, float] | None = None) -> Published:
+            extra_metrics: Mapping[str, float] | None = None, batch_size: int = 64
+            ) -> Published:
     """Write the reports, log one MLflow run (params, every metric, plots, HTML report,
     exported model files), register it as a new `challenger` version and, if asked, run the
-    promotion gate."""
+    promotion gate (which re-scores a champion measured on another set on this one)."""
     from pipelines import registry
 
     if propensity_png is not None and not Path(propensity_png).exists():
@@ -541,9 +536,29 @@ def publish(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: P
         artifacts={"plots": plots, "report": [paths["html"], paths["summary"]]},
         model_files=model_files, tags={registry.FINGERPRINT: report.fingerprint})
     ref = registry.register_model_version(registry_cfg, run, report.headline, report.fingerprint)
-    decision = registry.promotion_gate(registry_cfg, ref) if promote else None
+    decision = registry.promotion_gate(
+        registry_cfg, ref, rescore=_rater_rescorer(registry_cfg, sets, world, batch_size)
+    ) if promote else None
     return Published(paths, run.run_id, ref.model_version,
                      None if decision is None else asdict(decision))
+
+
+def _rater_rescorer(registry_cfg, sets: Sequence[EvalSet], world: Path, batch_size: int
+                    ) -> Callable:
+    """rescore(version) -> that registered version's rater recall@10 on this world's set."""
+    import tempfile
+
+    from pipelines import registry
+
+    rater = next(s for s in sets if s.name == RATER_SET)
+
+    def rescore(ref) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            export = registry.download_model(registry_cfg, ref.model_version, Path(tmp))
+            fn = embed_fn_from_export(export, world, batch_size)
+            return evaluate_models({CANDIDATE: fn}, world, [rater]).headline
+
+    return rescore
 
 
 # --------------------------------------------------------------------------- models + CLI
@@ -588,17 +603,87 @@ class EvaluateConfig:
     batch_size: int = 64
     promotion_margin: float = 0.01
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
+
     @classmethod
     def load(cls, params: Path | None) -> EvaluateConfig:
-        from pipelines.params import load_section
+        from pipelines.config import load
 
-        block = load_section(params, "evaluate")
-        unknown = set(block) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown evaluate params: {sorted(unknown)}")
-        if "ks" in block:
-            block["ks"] = tuple(int(k) for k in block["ks"])
-        return cls(**block)
+        return load(cls, params, "evaluate")
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """What `run_evaluate` measured and, with MLflow, logged and registered."""
+
+    report: EvalReport
+    metrics: dict  # the DVC metrics file's content (reports/eval.json)
+    paths: dict[str, Path]
+    published: Published | None  # None with log_mlflow=False
+
+
+def run_evaluate(config: EvaluateConfig, world: Path, model: Path,
+                 baselines: Mapping[str, Path], out_dir: Path, *,
+                 engagement: Path | None = None, metrics_path: Path | None = None,
+                 train_json: Path | None = None, propensity_png: Path | None = None,
+                 tracking_uri: str | None = None, promote: bool = False,
+                 log_mlflow: bool = True) -> Evaluated:
+    """The evaluate stage, for the CLI, DVC and the retrain DAG alike: rater (and engagement)
+    recall@K of the candidate export next to labelled baseline exports; one MLflow run with
+    the same params and metrics keys whoever calls (eval config, model files, the candidate's
+    train config, the resolved package versions, its per-epoch validation curve); a new
+    `challenger` version, and the promotion gate when `promote`."""
+    from pipelines.registry import RegistryConfig
+    from pipelines.versions import resolved_versions
+
+    world = Path(world)
+    if CANDIDATE in baselines:
+        raise ValueError(f"'{CANDIDATE}' labels the candidate; pick another baseline label")
+    train_info = {} if train_json is None else json.loads(Path(train_json).read_text())
+    sets = [load_rater_set(world)]
+    if engagement is not None:
+        sets.append(load_engagement_set(Path(engagement)))
+    exports = {CANDIDATE: Path(model), **{k: Path(v) for k, v in baselines.items()}}
+    fns = {label: embed_fn_from_export(path, world, config.batch_size)
+           for label, path in exports.items()}
+    report = evaluate_models(fns, world, sets, CANDIDATE, config.ks)
+    published = None
+    if log_mlflow:
+        params = {f"eval.{k}": v for k, v in asdict(config).items()}
+        params.update({f"model_file.{label}": str(p) for label, p in exports.items()})
+        params.update({f"train.{k}": v for k, v in train_info.get("config", {}).items()})
+        params.update({f"versions.{k}": v for k, v in resolved_versions().items()})
+        params.update({f"train_versions.{k}": v
+                       for k, v in train_info.get("versions", {}).items()})
+        reg_cfg = RegistryConfig(tracking_uri, promotion_margin=config.promotion_margin)
+        published = publish(
+            report, sets, world, out_dir, reg_cfg, export_files(Path(model)), params,
+            propensity_png, promote, config.report_queries,
+            extra_metrics={k: float(train_info[k]) for k in
+                           ("train_seconds", "best_val_style_recall_at_10")
+                           if train_info.get(k) is not None},
+            batch_size=config.batch_size)
+        _log_curve(reg_cfg, published.run_id, train_info.get("curve", []))
+        paths = published.paths
+    else:
+        paths = write_reports(report, sets, world, out_dir, config.report_queries)
+    metrics = eval_metrics_file(report, train_info.get("train_seconds"))
+    if metrics_path is not None:
+        write_text_atomic(Path(metrics_path), json.dumps(metrics, indent=1) + "\n")
+    return Evaluated(report, metrics, paths, published)
+
+
+def _log_curve(registry_cfg, run_id: str, curve: Sequence[Mapping]) -> None:
+    """The candidate's per-epoch training curve as stepped `train/<name>` metrics."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    rows = [Metric(f"train/{k}", float(v), now, int(row["epoch"]))
+            for row in curve for k, v in row.items() if k != "epoch" and v is not None]
+    if rows:
+        MlflowClient(registry_cfg.uri, registry_cfg.uri).log_batch(run_id, metrics=rows)
 
 
 def _labelled(spec: str) -> tuple[str, Path]:
@@ -632,45 +717,16 @@ def add_cli(sub) -> None:
 
 
 def _cli(args) -> int:
-    from pipelines.registry import RegistryConfig
-
-    cfg = EvaluateConfig.load(args.params)
-    baselines = dict(_labelled(s) for s in args.baseline)
-    if CANDIDATE in baselines:
-        raise ValueError(f"'{CANDIDATE}' labels the candidate; pick another baseline label")
-    train_info = {} if args.train_json is None else json.loads(args.train_json.read_text())
-    sets = [load_rater_set(args.world)]
-    if args.engagement is not None:
-        sets.append(load_engagement_set(args.engagement))
-    fns = {label: embed_fn_from_export(path, args.world, cfg.batch_size)
-           for label, path in {CANDIDATE: args.model, **baselines}.items()}
-    report = evaluate_models(fns, args.world, sets, CANDIDATE, cfg.ks)
-    out: dict = {"summary": report.summary()}
-    if args.no_mlflow:
-        out["paths"] = {k: str(v) for k, v in
-                        write_reports(report, sets, args.world, args.out,
-                                      cfg.report_queries).items()}
-    else:
-        reg_cfg = RegistryConfig(args.tracking_uri, promotion_margin=cfg.promotion_margin)
-        params = {f"eval.{k}": v for k, v in asdict(cfg).items()}
-        params.update({f"model_file.{label}": str(p) for label, p in
-                       {CANDIDATE: args.model, **baselines}.items()})
-        params.update({f"train.{k}": v for k, v in train_info.get("config", {}).items()})
-        published = publish(report, sets, args.world, args.out, reg_cfg,
-                            export_files(args.model), params,
-                            args.propensity_png, args.promote, cfg.report_queries,
-                            extra_metrics={k: float(train_info[k]) for k in
-                                           ("train_seconds", "best_val_recall_at_10")
-                                           if train_info.get(k) is not None})
-        out.update(run_id=published.run_id, model_version=published.model_version,
-                   decision=published.decision,
-                   paths={k: str(v) for k, v in published.paths.items()})
-    if args.metrics is not None:
-        metrics = eval_metrics_file(report, train_info.get("train_seconds"))
-        args.metrics.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.metrics.with_name(args.metrics.name + ".tmp")
-        tmp.write_text(json.dumps(metrics, indent=1) + "\n")
-        tmp.replace(args.metrics)
-        out["metrics"] = metrics
+    done = run_evaluate(
+        EvaluateConfig.load(args.params), args.world, args.model,
+        dict(_labelled(s) for s in args.baseline), args.out, engagement=args.engagement,
+        metrics_path=args.metrics, train_json=args.train_json,
+        propensity_png=args.propensity_png, tracking_uri=args.tracking_uri,
+        promote=args.promote, log_mlflow=not args.no_mlflow)
+    out: dict = {"summary": done.report.summary(), "metrics": done.metrics,
+                 "paths": {k: str(v) for k, v in done.paths.items()}}
+    if done.published is not None:
+        out.update(run_id=done.published.run_id, model_version=done.published.model_version,
+                   decision=done.published.decision)
     print(json.dumps(out, indent=1, default=str))
     return 0

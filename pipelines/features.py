@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data_contracts.durable import write_atomic
+
 FEATURE_COLUMNS = ["item_id", "available", "region", "price", "examinations", "clicks",
                    "saves", "debiased_ctr"]
 
@@ -50,8 +52,4 @@ def write_item_features(world: Path, harvest_dir: Path, out: Path) -> Path:
     feats = build_item_features(pd.read_parquet(Path(world) / "tables/catalog.parquet"),
                                 pd.read_parquet(Path(world) / "tables/impressions.parquet"),
                                 theta)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    feats.to_parquet(tmp, index=False)
-    tmp.replace(out)
-    return out
+    return write_atomic(Path(out), lambda tmp: feats.to_parquet(tmp, index=False))

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.storage import atomic_dir
+from data_contracts.constants import GRID_SIZE, RANDOMISED_POLICY
+from data_contracts.durable import atomic_dir, write_text_atomic
 
-RANDOMISED_POLICY = "shuffle_top20"
 PAIR_COLUMNS = [
     "query_image_path", "query_x0", "query_y0", "query_x1", "query_y1",
     "item_id", "positive_image_path", "position", "propensity", "weight", "source", "split",
@@ -43,7 +43,7 @@ SOURCES = ("click", "save", "cosave", "same_product")
 class HarvestConfig:
     """Knobs of the harvest stage (params.yaml `harvest:`)."""
 
-    max_position: int = 20
+    max_position: int = GRID_SIZE  # longest logged grid the estimate covers
     weight_clip: float = 10.0  # cap on 1/theta so a few deep clicks cannot dominate
     save_boost: float = 2.0  # a save is a stronger signal than a click
     cosave_weight: float = 1.0
@@ -65,7 +65,7 @@ class PropensityEstimate:
     ci_low: list[float]
     ci_high: list[float]
     n_sessions: int
-    method: str = "result randomisation (RandTop-20) + decreasing isotonic fit"
+    method: str = f"result randomisation (RandTop-{GRID_SIZE}) + decreasing isotonic fit"
 
     def lookup(self, positions: np.ndarray) -> np.ndarray:
         return np.asarray(self.theta)[np.asarray(positions) - 1]
@@ -255,7 +255,7 @@ def engagement_eval_set(impressions: pd.DataFrame, catalog: pd.DataFrame, side: 
 
 # --------------------------------------------------------------------------- stage
 def _validated(world: Path, quarantine_dir: Path | None, docs_dir: Path | None) -> None:
-    from pipelines.validate import validate_table
+    from data_contracts.validation import validate_table
 
     tables = world / "tables"
     for name in ("catalog", "impressions", "boards", "rater_judgments"):
@@ -366,7 +366,7 @@ def write_report(result: HarvestResult, world: Path, reports_dir: Path) -> dict:
         "seconds": result.seconds,
     }
     reports_dir.mkdir(parents=True, exist_ok=True)
-    (reports_dir / "harvest.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    write_text_atomic(reports_dir / "harvest.json", json.dumps(metrics, indent=1) + "\n")
     plot_propensity(result.propensity, truth, reports_dir / "propensity.png")
     return metrics
 
@@ -383,7 +383,7 @@ def add_cli(sub) -> None:
 
 
 def _cli(args) -> int:
-    from pipelines.params import load_section
+    from pipelines.config import load_section
 
     cfg = HarvestConfig(**load_section(args.params, "harvest"))
     result = harvest(args.world, args.out, cfg, quarantine_dir=args.quarantine,

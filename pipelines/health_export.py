@@ -1,5 +1,5 @@
 """Prometheus exporter for the hourly monitoring DAG's report (`<runs_dir>/monitoring/
-latest.json`, written by `orchestration.report_health`): canary replay recall, embedding
+latest.json`, written by `pipelines.monitor.report_health`): canary replay recall, embedding
 drift (norm and neighbour PSI), index age and per-shard latency become gauges, so the
 Grafana dashboard (infra/monitoring/) shows them next to the API's own metrics.
 

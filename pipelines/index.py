@@ -1,36 +1,27 @@
-"""Index stage: shard builds, manifest, canary, atomic cutover / rollback, compaction.
+"""Index stage: build a version from an embedding run, canary it, cut over, compact.
 
 Lifecycle of an index version (layout: serving/shards/layout.py):
 
-1. `build_shard` per shard, independently (the DAG runs them in parallel): items go to shards
-   by a stable hash of the item id; each shard is FAISS HNSW over fp16-quantised vectors
-   (`IndexHNSWSQ`, QT_fp16; labels are rows of the shard's `ids.npy`) or, as an option,
-   IVF-PQ whose top candidates are re-scored exactly against the raw vectors (`vectors.npy`,
-   memory-mapped). A version holds vectors of exactly one model version.
+1. `build_shard` per shard, independently (the DAG runs them in parallel), with the index
+   kinds of serving/shards/kinds.py (HNSW over fp16 vectors, or IVF-PQ with exact rescoring).
+   A version holds vectors of exactly one model version.
 2. `write_manifest`, last and atomically: model version, shard files with sha256, counts,
    parameters, build time. From then on the version directory is immutable.
 3. `canary`: probe queries with known neighbours (the other listings of the same product;
    rater-set queries when a query embedder is given), the overlap of the index's answers with
    exact search, and embedding-norm statistics; a failing version gets a verdict with reasons.
-4. `cutover` moves the `current` pointer (symlink replaced by an atomic rename) to a version
-   with a passing verdict, keeping `previous`; `rollback` is one step back. Shard stores
-   watch the pointer and hot-swap.
+4. `cutover` / `rollback` move the pointers (serving/shards/pointer.py) to a version with a
+   passing verdict; shard stores watch the pointer and hot-swap.
 5. `compact` folds the streaming delta into a fresh build (tombstones dropped, upserts added,
    the graph rebuilt), which then goes through the same canary and cutover.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import re
 import sys
-import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,16 +30,14 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from data_contracts.schemas import EMBEDDING_DIM
+from data_contracts.durable import write_json_atomic
+from pipelines.config import load_section
 from pipelines.embed import EmbedFn, load_embeddings, read_catalog, require_unit_vectors
-from pipelines.params import load_section
-from pipelines.storage import atomic_dir
-from serving.shards import layout
+from serving.shards import layout, pointer
 from serving.shards.delta import DELETE, UPSERT, DeltaLog
-from serving.shards.store import HNSW_FP16, IVFPQ, ShardIndex
+from serving.shards.kinds import ShardParams, build_shard_from_arrays, load_version, search_shards
 
 log = logging.getLogger("loupe.index")
-KINDS = (HNSW_FP16, IVFPQ)
 
 
 # --------------------------------------------------------------------------- params
@@ -74,28 +63,11 @@ class StoreParams:
 
 
 @dataclass(frozen=True)
-class IndexParams:
-    kind: str = HNSW_FP16
-    n_shards: int = 2
-    hnsw_m: int = 16
-    ef_construction: int = 100
-    ef_search: int = 64
-    ivf_nlist: int = 256
-    pq_m: int = 32
-    pq_nbits: int = 8
-    nprobe: int = 16
-    rescore: int = 100  # IVF-PQ candidates re-scored exactly
-    build_threads: int = 0  # 0: FAISS default (all cores)
+class IndexParams(ShardParams):
+    """params.yaml `index:`: the shard shape plus the canary's and the stores' settings."""
+
     canary: CanaryParams = field(default_factory=CanaryParams)
     store: StoreParams = field(default_factory=StoreParams)
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"index kind must be one of {KINDS}, got {self.kind!r}")
-        if self.n_shards < 1:
-            raise ValueError(f"n_shards must be >= 1, got {self.n_shards}")
-        if EMBEDDING_DIM % self.pq_m:
-            raise ValueError(f"pq_m={self.pq_m} must divide the dimension {EMBEDDING_DIM}")
 
     @classmethod
     def load(cls, params_path: Path | None = None) -> IndexParams:
@@ -108,14 +80,6 @@ class IndexParams:
             raise ValueError(f"unknown index params {sorted(unknown)}")
         return cls(**section, canary=canary, store=store)
 
-    def build_params(self) -> dict:
-        """The parameters that shape a shard of this kind (recorded in its manifest)."""
-        if self.kind == HNSW_FP16:
-            return {"m": self.hnsw_m, "ef_construction": self.ef_construction,
-                    "ef_search": self.ef_search}
-        return {"nlist": self.ivf_nlist, "m": self.pq_m, "nbits": self.pq_nbits,
-                "nprobe": self.nprobe, "rescore": self.rescore}
-
 
 def new_version_id(model_version: str) -> str:
     """Sortable, unique, and naming its model: 20261101T120000123456Z-loupe-embedder-3."""
@@ -123,66 +87,7 @@ def new_version_id(model_version: str) -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-{slug}"
 
 
-# --------------------------------------------------------------------------- shard builds
-def _faiss_index(kind: str, p: dict, vectors: np.ndarray) -> faiss.Index:
-    d = vectors.shape[1]
-    if kind == HNSW_FP16:
-        index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_fp16, p["m"])
-        index.hnsw.efConstruction = p["ef_construction"]
-        index.hnsw.efSearch = p["ef_search"]
-        index.train(vectors)  # fp16 needs no statistics; marks the quantiser trained
-    else:
-        need = max(p["nlist"], 2 ** p["nbits"]) * 4
-        if len(vectors) < need:
-            raise ValueError(f"IVF-PQ (nlist={p['nlist']}, nbits={p['nbits']}) needs >= {need} "
-                             f"vectors per shard to train, this shard has {len(vectors)}; use "
-                             "kind hnsw_fp16 or a smaller ivf_nlist")
-        index = faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, p["nlist"], p["m"], p["nbits"])
-        index.cp.seed = 0
-        index.train(vectors)
-        index.nprobe = p["nprobe"]
-    index.add(vectors)
-    return index
-
-
-def build_shard_from_arrays(item_ids: np.ndarray, vectors: np.ndarray, model_version: str,
-                            shard_id: int, params: IndexParams, version_dir: Path) -> dict:
-    """Build shard `shard_id` of `version_dir` from the items that hash to it."""
-    version_dir = Path(version_dir)
-    if (version_dir / layout.MANIFEST).exists():
-        raise ValueError(f"{version_dir} is finalised (has a manifest) and immutable; "
-                         "build a new version instead")
-    if not 0 <= shard_id < params.n_shards:
-        raise ValueError(f"shard {shard_id} outside [0, {params.n_shards})")
-    for other in version_dir.glob("shard-*/" + layout.SHARD_META):
-        meta = json.loads(other.read_text())
-        if meta["model_version"] != model_version:
-            raise ValueError(f"{version_dir} already has shards of model "
-                             f"{meta['model_version']!r}; refusing to add {model_version!r}")
-    mine = np.array([layout.shard_of(i, params.n_shards) == shard_id for i in item_ids],
-                    dtype=bool)
-    ids = np.asarray(item_ids, dtype=str)[mine]
-    vecs = np.ascontiguousarray(vectors[mine], dtype=np.float32)
-    if params.build_threads:
-        faiss.omp_set_num_threads(params.build_threads)
-    t0 = time.perf_counter()
-    index = _faiss_index(params.kind, params.build_params(), vecs)
-    seconds = time.perf_counter() - t0
-    meta = {"shard_id": shard_id, "n_shards": params.n_shards, "count": int(len(ids)),
-            "model_version": model_version, "kind": params.kind,
-            "params": params.build_params(), "dim": int(vectors.shape[1]),
-            "build_seconds": round(seconds, 3)}
-    version_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(layout.shard_dir(version_dir, shard_id)) as tmp:
-        faiss.write_index(index, str(tmp / layout.INDEX_FILE))
-        np.save(tmp / layout.IDS_FILE, ids, allow_pickle=False)
-        np.save(tmp / layout.VECTORS_FILE, vecs, allow_pickle=False)
-        (tmp / layout.SHARD_META).write_text(json.dumps(meta, indent=1, sort_keys=True))
-    log.info("built shard %d of %s: %d vectors in %.2fs", shard_id, version_dir.name,
-             len(ids), seconds)
-    return meta
-
-
+# --------------------------------------------------------------------------- builds
 def build_shard(embeddings_dir: Path, shard_id: int, n_shards: int, params: IndexParams,
                 out_dir: Path) -> dict:
     """Build one shard of the index version `out_dir` from a finished embedding run."""
@@ -191,8 +96,8 @@ def build_shard(embeddings_dir: Path, shard_id: int, n_shards: int, params: Inde
                                    replace(params, n_shards=n_shards), out_dir)
 
 
-def write_manifest(version_dir: Path, n_shards: int, source: dict, delta_seq: int = 0
-                   ) -> dict:
+def write_manifest(version_dir: Path, n_shards: int, source: dict, delta_seq: int = 0,
+                   treatment: dict | None = None) -> dict:
     """Check the shards agree, checksum every file and write manifest.json last."""
     version_dir = Path(version_dir)
     if (version_dir / layout.MANIFEST).exists():
@@ -220,10 +125,11 @@ def write_manifest(version_dir: Path, n_shards: int, source: dict, delta_seq: in
         "model_version": metas[0]["model_version"], "kind": metas[0]["kind"],
         "params": metas[0]["params"], "n_shards": n_shards, "dim": metas[0]["dim"],
         "count": sum(m["count"] for m in metas), "delta_seq": int(delta_seq),
+        "treatment": treatment,
         "build_seconds": round(sum(m["build_seconds"] for m in metas), 3),
         "built_at": datetime.now(UTC).isoformat(), "source": source, "shards": shards,
     }
-    layout.write_json_atomic(version_dir / layout.MANIFEST, manifest)
+    write_json_atomic(version_dir / layout.MANIFEST, manifest)
     for sdir in version_dir.glob("shard-*"):  # immutable from here on
         for f in sdir.iterdir():
             f.chmod(0o444)
@@ -237,44 +143,12 @@ def build_index(embeddings_dir: Path, index_root: Path, params: IndexParams,
     vdir = layout.version_dir(index_root, version or new_version_id(emb.model_version))
     for s in range(params.n_shards):
         build_shard_from_arrays(emb.item_ids, emb.vectors, emb.model_version, s, params, vdir)
-    write_manifest(vdir, params.n_shards, {"embeddings_dir": str(Path(embeddings_dir))})
+    write_manifest(vdir, params.n_shards, {"embeddings_dir": str(Path(embeddings_dir))},
+                   treatment=emb.treatment)
     return vdir
 
 
 # --------------------------------------------------------------------------- canary
-@dataclass
-class CanaryVerdict:
-    index_version: str
-    model_version: str
-    passed: bool
-    reasons: list[str]
-    metrics: dict
-    manifest_sha256: str
-    checked_at: str
-    params: dict
-
-
-def load_version(index_root: Path, version: str, verify: bool = True
-                 ) -> tuple[dict, list[ShardIndex]]:
-    vdir = layout.version_dir(index_root, version)
-    manifest = layout.read_manifest(vdir)
-    return manifest, [ShardIndex.load(vdir, s, manifest, verify)
-                      for s in range(manifest["n_shards"])]
-
-
-def search_shards(shards: list[ShardIndex], queries: np.ndarray, k: int
-                  ) -> list[list[tuple[str, float]]]:
-    """Top-k over every shard of a version, merged by score (what the fan-out does)."""
-    per_shard = [s.search(queries, k) for s in shards]
-    out = []
-    for q in range(len(queries)):
-        cands = [(str(shard.ids[lab]), float(sc)) for shard, (scores, labels) in
-                 zip(shards, per_shard, strict=True)
-                 for sc, lab in zip(scores[q], labels[q], strict=True) if lab >= 0]
-        out.append(sorted(cands, key=lambda c: -c[1])[:k])
-    return out
-
-
 def _exact_top(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(vectors)
@@ -283,7 +157,7 @@ def _exact_top(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 def canary(index_root: Path, version: str, world_root: Path, params: CanaryParams,
            query_embed_fn: EmbedFn | None = None, expected_model_version: str | None = None
-           ) -> CanaryVerdict:
+           ) -> pointer.CanaryVerdict:
     """Probe a built version; the verdict (also saved under verdicts/) gates cutover."""
     manifest, shards = load_version(index_root, version)
     k = params.k
@@ -364,135 +238,14 @@ def canary(index_root: Path, version: str, world_root: Path, params: CanaryParam
                 reasons.append(f"rater-set recall@{k} {recall:.3f} < {params.min_rater_recall}")
 
     vdir = layout.version_dir(index_root, version)
-    verdict = CanaryVerdict(
+    verdict = pointer.CanaryVerdict(
         index_version=version, model_version=manifest["model_version"], passed=not reasons,
         reasons=reasons, metrics=metrics,
         manifest_sha256=layout.sha256_file(vdir / layout.MANIFEST),
         checked_at=datetime.now(UTC).isoformat(), params=asdict(params))
-    layout.write_json_atomic(layout.verdict_path(index_root, version), asdict(verdict))
+    pointer.write_verdict(index_root, verdict)
     log.info("canary %s: %s %s", version, "PASS" if verdict.passed else "FAIL", reasons)
     return verdict
-
-
-def read_verdict(index_root: Path, version: str) -> CanaryVerdict | None:
-    path = layout.verdict_path(index_root, version)
-    return CanaryVerdict(**json.loads(path.read_text())) if path.is_file() else None
-
-
-# --------------------------------------------------------------------------- cutover
-@contextmanager
-def _pointer_lock(index_root: Path) -> Iterator[None]:
-    """Serialise pointer moves (two operators, or the DAG and a human, at once)."""
-    Path(index_root).mkdir(parents=True, exist_ok=True)
-    with open(Path(index_root) / ".pointer.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _set_pointer(index_root: Path, name: str, version: str | None) -> None:
-    """Point `name` at `version` by renaming a fresh symlink over it (atomic for readers)."""
-    link = Path(index_root) / name
-    if version is None:
-        link.unlink(missing_ok=True)
-        return
-    tmp = link.with_name(f".{name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    os.symlink(f"{layout.VERSIONS}/{version}", tmp)
-    os.replace(tmp, link)
-
-
-def _append_history(index_root: Path, entry: dict) -> None:
-    with open(Path(index_root) / layout.HISTORY, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _last_history_id(index_root: Path) -> str | None:
-    path = Path(index_root) / layout.HISTORY
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return json.loads(lines[-1]).get("id") if lines else None
-
-
-def _finish_pending(index_root: Path) -> None:
-    """Complete or undo a pointer move that a killed process left (hold the pointer lock).
-
-    The rename of `current` is the commit point: when `current` already names the move's
-    target, the move happened and only its `previous` and history entry are completed;
-    otherwise it never happened and `previous` is put back."""
-    root = Path(index_root)
-    pending = layout.pending_move(root)
-    if pending is not None:
-        committed = layout.pointer(root, layout.CURRENT) == pending["to"]
-        _set_pointer(root, layout.PREVIOUS,
-                     pending["previous_after" if committed else "previous_before"])
-        if committed and _last_history_id(root) != pending["id"]:
-            _append_history(root, pending["entry"])
-        log.warning("finished a pointer move a killed process left: %s %s -> %s (%s)",
-                    pending["entry"]["action"], pending["entry"]["from"], pending["to"],
-                    "completed" if committed else "undone")
-        (root / layout.PENDING_MOVE).unlink()
-    for name in (layout.CURRENT, layout.PREVIOUS, layout.PENDING_MOVE):
-        for tmp in root.glob(f".{name}.*.tmp"):  # a killed mover's half-made link or record
-            tmp.unlink()
-
-
-def _move(index_root: Path, action: str, to: str, previous_after: str | None) -> dict:
-    """Move `current` to `to` and `previous` to `previous_after` as one step (hold the
-    pointer lock): an intent record first, then `previous`, then `current` (the commit),
-    the history entry, and the record removed; `_finish_pending` completes or undoes a move
-    killed anywhere in between, and `layout.pointer` reads through it meanwhile."""
-    root = Path(index_root)
-    live = layout.pointer(root, layout.CURRENT)
-    entry = {"at": datetime.now(UTC).isoformat(), "action": action, "from": live, "to": to,
-             "id": uuid.uuid4().hex}
-    layout.write_json_atomic(root / layout.PENDING_MOVE, {
-        "id": entry["id"], "to": to, "previous_before": layout.pointer(root, layout.PREVIOUS),
-        "previous_after": previous_after, "entry": entry})
-    _set_pointer(root, layout.PREVIOUS, previous_after)
-    _set_pointer(root, layout.CURRENT, to)
-    _append_history(root, entry)
-    (root / layout.PENDING_MOVE).unlink()
-    return entry
-
-
-def _require_passing(index_root: Path, version: str) -> None:
-    vdir = layout.version_dir(index_root, version)
-    layout.read_manifest(vdir)
-    verdict = read_verdict(index_root, version)
-    if verdict is None:
-        raise ValueError(f"index version {version} has no canary verdict; run `loupe canary`")
-    if not verdict.passed:
-        raise ValueError(f"index version {version} failed its canary: "
-                         + "; ".join(verdict.reasons))
-    if verdict.manifest_sha256 != layout.sha256_file(vdir / layout.MANIFEST):
-        raise ValueError(f"index version {version}: manifest changed after its canary")
-
-
-def cutover(index_root: Path, version: str) -> dict:
-    """Make `version` live (it must have a passing canary); the live one becomes previous."""
-    with _pointer_lock(index_root):
-        _finish_pending(index_root)
-        _require_passing(index_root, version)
-        live = layout.pointer(index_root, layout.CURRENT)
-        if live == version:
-            raise ValueError(f"index version {version} is already live")
-        previous = live if live is not None else layout.pointer(index_root, layout.PREVIOUS)
-        return _move(index_root, "cutover", version, previous)
-
-
-def rollback(index_root: Path) -> dict:
-    """One step back: `previous` becomes live again and the rolled-back version is unset."""
-    with _pointer_lock(index_root):
-        _finish_pending(index_root)
-        prev = layout.pointer(index_root, layout.PREVIOUS)
-        if prev is None:
-            raise ValueError(f"{index_root}: no previous index version to roll back to")
-        _require_passing(index_root, prev)
-        return _move(index_root, "rollback", prev, None)
 
 
 # --------------------------------------------------------------------------- compaction
@@ -500,7 +253,7 @@ def compact(index_root: Path, params: IndexParams, version: str | None = None) -
     """A new version = live version + delta (upserts folded in, tombstones dropped), built
     from scratch with `params`; its manifest records the delta seq it folded in, so stores
     replay only newer delta rows on top of it."""
-    live = layout.pointer(index_root, layout.CURRENT)
+    live = pointer.read(index_root, layout.CURRENT)
     if live is None:
         raise ValueError(f"{index_root}: nothing is live, nothing to compact")
     manifest, shards = load_version(index_root, live)
@@ -532,7 +285,8 @@ def compact(index_root: Path, params: IndexParams, version: str | None = None) -
         build_shard_from_arrays(ids, vectors, model, s, params, vdir)
     write_manifest(vdir, params.n_shards, {
         "compacted_from": live, "delta_upserts_folded": folded, "tombstones_dropped": dropped,
-        "delta_rows_of_other_models": other_model}, delta_seq=upto)
+        "delta_rows_of_other_models": other_model}, delta_seq=upto,
+        treatment=manifest.get("treatment"))
     log.info("compacted %s -> %s: %d upserts folded, %d tombstones dropped", live, vdir.name,
              folded, dropped)
     return vdir
@@ -541,8 +295,8 @@ def compact(index_root: Path, params: IndexParams, version: str | None = None) -
 def prune_delta(index_root: Path) -> int:
     """Drop delta rows already folded into both the live and the previous version."""
     delta_path = Path(index_root) / layout.DELTA_DB
-    pointed = [v for v in (layout.pointer(index_root, layout.CURRENT),
-                           layout.pointer(index_root, layout.PREVIOUS)) if v]
+    pointed = [v for v in (pointer.read(index_root, layout.CURRENT),
+                           pointer.read(index_root, layout.PREVIOUS)) if v]
     if not delta_path.exists() or not pointed:
         return 0
     upto = min(layout.read_manifest(layout.version_dir(index_root, v))["delta_seq"]
@@ -552,24 +306,6 @@ def prune_delta(index_root: Path) -> int:
         return delta.prune(upto)
     finally:
         delta.close()
-
-
-def index_status(index_root: Path) -> dict:
-    root = Path(index_root)
-    versions = sorted(p.name for p in (root / layout.VERSIONS).glob("*") if p.is_dir()) \
-        if (root / layout.VERSIONS).exists() else []
-    out = {"current": layout.pointer(root, layout.CURRENT),
-           "previous": layout.pointer(root, layout.PREVIOUS), "versions": {}}
-    for v in versions:
-        vdir = layout.version_dir(root, v)
-        verdict = read_verdict(root, v)
-        m = json.loads((vdir / layout.MANIFEST).read_text()) \
-            if (vdir / layout.MANIFEST).exists() else None
-        out["versions"][v] = {
-            "finalised": m is not None, "model_version": m and m["model_version"],
-            "count": m and m["count"],
-            "canary": None if verdict is None else ("pass" if verdict.passed else "fail")}
-    return out
 
 
 # --------------------------------------------------------------------------- CLI
@@ -605,11 +341,11 @@ def add_cli(sub) -> None:
 
     p = sub.add_parser("cutover", help="make a canary-passed index version live")
     root(p, version=True)
-    p.set_defaults(func=lambda a: _print(cutover(a.index_root, a.version)))
+    p.set_defaults(func=lambda a: _print(pointer.cutover(a.index_root, a.version)))
 
     p = sub.add_parser("rollback", help="one step back to the previous index version")
     root(p)
-    p.set_defaults(func=lambda a: _print(rollback(a.index_root)))
+    p.set_defaults(func=lambda a: _print(pointer.rollback(a.index_root)))
 
     p = sub.add_parser("compact", help="fold the delta into a rebuilt version, canary, cutover")
     root(p)
@@ -619,7 +355,7 @@ def add_cli(sub) -> None:
 
     p = sub.add_parser("index-status", help="live / previous versions and canary verdicts")
     root(p)
-    p.set_defaults(func=lambda a: _print(index_status(a.index_root)))
+    p.set_defaults(func=lambda a: _print(pointer.index_status(a.index_root)))
 
 
 def _print(payload: dict) -> int:
@@ -669,6 +405,6 @@ def _compact_cli(args) -> int:
         print(f"loupe compact: {vdir.name} failed its canary, not cut over", file=sys.stderr)
         return 1
     if not args.no_cutover:
-        out["cutover"] = cutover(args.index_root, vdir.name)
+        out["cutover"] = pointer.cutover(args.index_root, vdir.name)
         out["delta_rows_pruned"] = prune_delta(args.index_root)
     return _print(out)

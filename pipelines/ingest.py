@@ -5,8 +5,9 @@ a monotonically increasing offset; SQLite has one writer at a time, so offsets c
 order and a consumer reading "offset > checkpoint" never skips a late commit.
 
 The indexer reads a batch after its checkpoint, keeps the last event per item (idempotent by
-item id), embeds new and updated listings, and appends upserts and tombstones to the index
-root's delta log (serving/shards/delta.py) together with the new checkpoint, in one
+item id), embeds new and updated listings (with the live index's catalog treatment, see
+`ingest_micro_batch`), and appends upserts and tombstones to the index root's delta log
+(serving/shards/delta.py) together with the new checkpoint, in one
 transaction: a crash before the commit loses nothing (the batch is read again), a crash after
 it duplicates nothing (the checkpoint moved with the rows). Shard stores tail the delta log,
 so a new listing is searchable, and a removed one hidden, within a couple of poll intervals.
@@ -22,14 +23,20 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from pipelines.config import load_section
 from pipelines.embed import EmbedFn, require_unit_vectors
-from pipelines.params import load_section
-from serving.shards import layout
+from serving.shards import layout, pointer
 from serving.shards.delta import DELETE, UPSERT, DeltaLog
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from pipelines.orchestration import LoupeConfig
 
 log = logging.getLogger("loupe.ingest")
 
@@ -162,7 +169,7 @@ class StreamingIndexer:
         self.index_root = Path(index_root)
         self.delta = DeltaLog(self.index_root / layout.DELTA_DB)
         self.stats = IndexerStats(checkpoint=self.delta.checkpoint(consumer))
-        live = layout.pointer(self.index_root)
+        live = pointer.read(self.index_root)
         if live is not None:
             live_model = layout.read_manifest(
                 layout.version_dir(self.index_root, live))["model_version"]
@@ -258,3 +265,51 @@ def _publish_cli(args) -> int:
     print(json.dumps({"events": len(events), "offsets": [offsets[0], offsets[-1]]
                       if offsets else []}))
     return 0
+
+
+# --------------------------------------------------------------------------- DAG tasks
+def ingest_micro_batch(cfg: LoupeConfig, max_seconds: float) -> dict:
+    """Consume the change feed into the live index's delta until caught up or out of time,
+    then measure what is still waiting. New listings get the live index's catalog treatment
+    (its manifest's model version, detector and pick policy), so they match its vectors."""
+    from pipelines.rollout import catalog_embed_fn, live_index_version
+
+    live = live_index_version(cfg)
+    manifest = layout.read_manifest(layout.version_dir(cfg.index, live))
+    model = manifest["model_version"]
+    feed = ChangeFeed(Path(cfg.change_feed))
+    indexer = StreamingIndexer(feed, cfg.index,
+                               catalog_embed_fn(cfg, model, manifest.get("treatment")), model,
+                               IngestParams.load(Path(cfg.params_file)).batch_size)
+    try:
+        deadline = time.monotonic() + max_seconds
+        while time.monotonic() < deadline and indexer.step() > 0:
+            pass
+        stats = indexer.stats
+        waiting = feed.read(stats.checkpoint, 1)
+        return {"model_version": model, "events": stats.events, "upserts": stats.upserts,
+                "deletes": stats.deletes, "batches": stats.batches,
+                "checkpoint": stats.checkpoint,
+                "pending_events": feed.last_offset() - stats.checkpoint,
+                "oldest_pending_age_s": round(time.time() - waiting[0].ts, 3) if waiting
+                else 0.0}
+    finally:
+        indexer.close()
+        feed.close()
+
+
+def check_ingest_lag(result: Mapping[str, Any], max_pending_events: int,
+                     max_lag_s: float) -> dict:
+    """The `ingest_micro_batch` result, or HealthBreach when the feed lags behind."""
+    from pipelines.monitor import HealthBreach
+
+    breaches = []
+    if result["pending_events"] > max_pending_events:
+        breaches.append(f"{result['pending_events']} feed events wait to be indexed "
+                        f"(> {max_pending_events})")
+    if result["oldest_pending_age_s"] > max_lag_s:
+        breaches.append(f"the oldest waiting event is {result['oldest_pending_age_s']:.0f} s "
+                        f"old (> {max_lag_s:.0f} s)")
+    if breaches:
+        raise HealthBreach("ingest lags: " + "; ".join(breaches))
+    return {"ok": True, **result}

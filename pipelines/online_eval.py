@@ -8,8 +8,8 @@ A/B: users are the randomisation unit, so CTR (clicks / impressions) and save ra
 ratio metrics over users; their variance comes from the delta method over per-user sums
 (Deng, Lu, Litz, *Applying the Delta Method in Metric Analytics*, KDD 2018), giving a 95 %
 confidence interval per arm and a two-sided z-test on the difference. Grids logged with the
-top 20 shuffled (`shuffle_top20`, the harvester's randomised share) show neither arm's
-ranking and are left out.
+top of the ranking shuffled (`constants.RANDOMISED_POLICY`, the harvester's randomised share)
+show neither arm's ranking and are left out.
 
 Interleaving: each team-drafted grid is won by the team whose items got more clicks; ties
 (mostly no clicks) say nothing. Preference = wins_A / decided grids, tested against 1/2
@@ -29,6 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.stats import binomtest, norm
+
+from data_contracts.constants import RANKER_POLICY
+from data_contracts.durable import write_text_atomic
 
 ALPHA = 0.05
 POWER = 0.8
@@ -159,7 +162,8 @@ def load_logs(export_dir: Path) -> pd.DataFrame:
 
 def ab_analysis(frame: pd.DataFrame, control: str, treatment: str) -> dict:
     """Per-arm CTR and save rate (with CIs) and the treatment-vs-control tests."""
-    ab = frame[(frame["logging_policy"] == "ranker") & frame["arm"].isin([control, treatment])]
+    ab = frame[(frame["logging_policy"] == RANKER_POLICY)
+               & frame["arm"].isin([control, treatment])]
     per_user = ab.groupby(["arm", "user_id"]).agg(
         impressions=("clicked", "size"), clicks=("clicked", "sum"), saves=("saved", "sum"),
         grids=("request_id", "nunique"))
@@ -283,8 +287,7 @@ def add_cli(sub) -> None:
 
 def _cli(args) -> int:
     result = online_eval(args.logs, args.control, args.treatment)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_text_atomic(args.out, json.dumps(result, indent=1))
     if not args.no_mlflow:
         result["mlflow_run_id"] = log_to_mlflow(result, args.out, args.tracking_uri)
     print(result["verdict"])

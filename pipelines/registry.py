@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +42,8 @@ CHAMPION = "champion"
 HEADLINE = "rater_recall_at_10"
 FINGERPRINT = "eval_fingerprint"
 MODEL_ARTIFACT_DIR = "model"
+DETECTOR_MODEL = "loupe-detector"  # pipelines/train_detector.py registers it
+ATTRIBUTE_MODEL_PREFIX = "attributes/"  # model-free clustered vectors (pipelines/embed.py)
 _DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 
 
@@ -222,6 +225,108 @@ def version_for_alias(cfg: RegistryConfig, alias: str) -> ModelVersionRef | None
     return ModelVersionRef(cfg.model_name, str(aliases[alias])) if alias in aliases else None
 
 
+# --------------------------------------------------------------------------- rollout lookups
+def is_attribute_model(model_version: str) -> bool:
+    return model_version.startswith(ATTRIBUTE_MODEL_PREFIX)
+
+
+def resolve_model(spec: str, tracking_uri: str, promoted_version: str | None = None) -> str:
+    """The model version a rollout serves: an alias (`champion`, `challenger`), a registered
+    version (`loupe-embedder/3`), or `attributes/<seed>` (model-free vectors, benchmarks).
+
+    A rollout started by the champion asset passes the promoted version, so a champion that
+    moves again meanwhile cannot change what this run rolls out.
+    """
+    spec = str(spec).strip()
+    if spec in (CHAMPION, CHALLENGER):
+        if spec == CHAMPION and promoted_version:
+            spec = promoted_version
+        else:
+            cfg = RegistryConfig(tracking_uri)
+            ref = version_for_alias(cfg, spec)
+            if ref is None:
+                raise ValueError(f"no version of {cfg.model_name!r} has the alias {spec!r} in "
+                                 f"{tracking_uri}; run the retrain first or name a version")
+            return ref.model_version
+    if is_attribute_model(spec):
+        seed = spec.removeprefix(ATTRIBUTE_MODEL_PREFIX)
+        if not seed.isdigit():
+            raise ValueError(f"attribute model must be 'attributes/<seed>', got {spec!r}")
+        return spec
+    ref = parse_model_version(spec)
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).get_model_version(
+            ref.name, ref.version)
+    except MlflowException as err:
+        raise ValueError(f"model version {spec} is not registered in {tracking_uri}: "
+                         f"{err.message}") from err
+    return ref.model_version
+
+
+def fetch_registered(tracking_uri: str, model_version: str, models_dir: Path) -> Path:
+    """A registered version's exported files in `<models_dir>/<name>-<N>/`, fetched once.
+
+    Each caller downloads into its own temp dir and renames it into place, so parallel tasks
+    (mapped partitions, the Triton export) never see or write a half-fetched directory.
+    """
+    ref = parse_model_version(model_version)
+    local = Path(models_dir) / f"{ref.name}-{ref.version}"
+    if local.is_dir():
+        return local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.", dir=local.parent))
+    try:
+        fetched = download_model(RegistryConfig(tracking_uri), model_version, tmp)
+        try:
+            fetched.rename(local)
+        except OSError:
+            if not local.is_dir():  # not lost to a concurrent fetch of the same version
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
+def registered_embed_fn(tracking_uri: str, model_version: str, models_dir: Path, world: Path):
+    """Rater queries (photo + box) through a registered embedder's exported graph (the
+    canary's queries; catalog photos go through `pipelines.rollout.catalog_embed_fn`)."""
+    from pipelines.embed import embed_fn_from_export
+
+    return embed_fn_from_export(fetch_registered(tracking_uri, model_version, models_dir), world)
+
+
+def resolve_detector(spec: str | None, tracking_uri: str) -> str:
+    """The registered detector a rollout installs beside the embedder: the named
+    `loupe-detector/N`, else the newest registered version."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if spec is not None and str(spec).strip():
+        ref = parse_model_version(str(spec).strip())
+        if ref.name != DETECTOR_MODEL:
+            raise ValueError(f"detector must be a version of {DETECTOR_MODEL!r} "
+                             f"('{DETECTOR_MODEL}/N'), got {spec!r}")
+        try:
+            client.get_model_version(ref.name, ref.version)
+        except MlflowException as err:
+            raise ValueError(f"detector {ref.model_version} is not registered in "
+                             f"{tracking_uri}: {err.message}") from err
+        return ref.model_version
+    versions = [int(mv.version) for mv in
+                client.search_model_versions(f"name='{DETECTOR_MODEL}'")]
+    if not versions:
+        raise ValueError(f"no {DETECTOR_MODEL} version is registered in {tracking_uri}, and "
+                         "Triton serves the detector beside the embedder: train one "
+                         "(`loupe train-detector`), register it "
+                         "(pipelines.train_detector.register_detector), or name one with the "
+                         "`detector` param")
+    return f"{DETECTOR_MODEL}/{max(versions)}"
+
+
 # --------------------------------------------------------------------------- promotion
 @dataclass(frozen=True)
 class PromotionDecision:
@@ -255,12 +360,16 @@ def decide_promotion(challenger_recall: float, champion_recall: float | None, ma
 
 
 def promotion_gate(cfg: RegistryConfig, version: str | ModelVersionRef,
-                   champion_recall: float | None = None) -> PromotionDecision:
+                   champion_recall: float | None = None,
+                   rescore: Callable[[ModelVersionRef], float] | None = None
+                   ) -> PromotionDecision:
     """Move `champion` to `version` if its rater recall@10 beats the champion's by the margin.
 
     Recall figures come from the versions' tags. Different eval fingerprints mean the two
-    numbers were measured on different catalogs or judgments, so the gate refuses unless the
-    caller passes `champion_recall` re-measured on the challenger's set.
+    numbers were measured on different catalogs or judgments: the champion is then scored on
+    the challenger's set, by `champion_recall` when the caller measured it already, else by
+    `rescore(champion)` (the evaluate stage passes one), and the gate refuses only when it
+    has neither, so a new world never keeps serving a model picked on another world.
     """
     ref = version if isinstance(version, ModelVersionRef) else ModelVersionRef(
         cfg.model_name, str(version))
@@ -276,6 +385,11 @@ def promotion_gate(cfg: RegistryConfig, version: str | ModelVersionRef,
     else:
         champ_mv = client.get_model_version(champ.name, champ.version)
         same_set = _recorded(champ_mv, FINGERPRINT) == _recorded(mv, FINGERPRINT)
+        remeasured = ""
+        if champion_recall is None and not same_set and rescore is not None:
+            champion_recall = float(rescore(champ))
+            remeasured = (f" (champion re-evaluated on this set: it was scored on fingerprint "
+                          f"{champ_mv.tags[FINGERPRINT]}, this set is {mv.tags[FINGERPRINT]})")
         if champion_recall is None and not same_set:
             promoted, champ_recall = False, None
             reason = (f"champion {champ.model_version} was scored on a different catalog or "
@@ -286,6 +400,7 @@ def promotion_gate(cfg: RegistryConfig, version: str | ModelVersionRef,
                             else float(champ_mv.tags[HEADLINE]))
             promoted, reason = decide_promotion(challenger_recall, champ_recall,
                                                 cfg.promotion_margin)
+            reason += remeasured
     decision = PromotionDecision(
         promoted, reason, ref.model_version, challenger_recall,
         None if champ is None else champ.model_version, champ_recall, cfg.promotion_margin,

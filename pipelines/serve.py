@@ -6,9 +6,9 @@ serves it, and start the serving stack (tritonserver + shard replicas + search A
         --detector-version loupe-detector/1 --harvest runs/demo/harvest --out runs/serve
 
 Everything under --out is reused when present (repository versions are immutable; an index
-already cut over for this model version is not rebuilt), so a restart is quick. The catalog
-is embedded with the query path's treatment (detect -> salient box -> crop -> embed) using
-the exported models Triton serves.
+already cut over for this model version and catalog treatment is not rebuilt), so a restart
+is quick. The catalog is embedded by `pipelines.embed.catalog_treatment` (detect -> pick ->
+crop -> embed, the query path's treatment) with the exported models Triton serves.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.features import write_item_features
-from pipelines.index import IndexParams, build_index, canary, cutover
-from serving.shards import layout
+from pipelines.index import IndexParams, build_index, canary
+from serving.shards import layout, pointer
+from serving.shards.pointer import cutover
 
 log = logging.getLogger("loupe.serve")
 
@@ -47,27 +48,26 @@ class ServePaths:
     def features(self) -> Path:
         return self.out / "item_features.parquet"
 
-    def embeddings(self, model_version: str) -> Path:
-        return self.out / "embeddings" / re.sub(r"[^A-Za-z0-9._-]+", "-", model_version)
+    def embeddings(self, model_version: str, detector_version: str) -> Path:
+        """One embedding run per model version and detector (the detector picks the boxes)."""
+        return self.out / "embeddings" / re.sub(r"[^A-Za-z0-9._-]+", "-",
+                                                f"{model_version}@{detector_version}")
 
 
 def index_for_model(world: Path, paths: ServePaths, model_version: str, embedder_dir: Path,
-                    detector_dir: Path, params: IndexParams) -> str:
+                    detector_dir: Path, detector_version: str, params: IndexParams) -> str:
     """Embed the catalog with the exported models, build, canary and cut over; or reuse the
-    live version when it already holds this model's vectors."""
-    from models.detector import ExportedDetector
-    from models.embedder import embed_images
-    from models.export import ExportedEmbedder
-    from pipelines.embed import detect_crop_embed_fn, reembed
+    live version when it already holds this model's vectors made by this treatment."""
+    from pipelines.embed import catalog_treatment, reembed
 
-    current = layout.pointer(paths.index_root)
+    embed_fn = catalog_treatment(embedder_dir, detector_dir, world, detector_version)
+    current = pointer.read(paths.index_root)
     if current is not None:
         manifest = layout.read_manifest(layout.version_dir(paths.index_root, current))
-        if manifest["model_version"] == model_version:
+        if (manifest["model_version"] == model_version
+                and manifest.get("treatment") == embed_fn.metadata):
             return current
-    embed_fn = detect_crop_embed_fn(world, ExportedDetector(detector_dir, threads=2),
-                                    ExportedEmbedder(embedder_dir), embed_images)
-    emb_dir = paths.embeddings(model_version)
+    emb_dir = paths.embeddings(model_version, detector_version)
     reembed(world, model_version, embed_fn, emb_dir, validate=False, show_progress=False)
     version = build_index(emb_dir, paths.index_root, params).name
     verdict = canary(paths.index_root, version, world, params.canary,
@@ -88,7 +88,7 @@ def prepare(world: Path, out: Path, embedder_dir: Path, model_version: str,
     add_version(paths.triton_repo, model_version, embedder_dir, detector_dir, detector_version)
     if not paths.features.exists():
         write_item_features(world, harvest_dir, paths.features)
-    index_for_model(world, paths, model_version, embedder_dir, detector_dir,
+    index_for_model(world, paths, model_version, embedder_dir, detector_dir, detector_version,
                     params or IndexParams.load())
     return paths
 

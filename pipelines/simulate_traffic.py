@@ -3,8 +3,8 @@
 It exists to exercise the loop end to end (serve -> log -> analyse -> harvest -> train), not
 to decide launches. A user wants one product (drawn by popularity), sends its query photo,
 examines grid position k with probability k^-0.7, clicks an examined item with its
-attractiveness (true relevance scaled by popularity) and saves some clicks: the model and
-constants of `pipelines.world` (its `_session_rows`), so served logs look like the world's.
+attractiveness (true relevance scaled by popularity) and saves some clicks: the world's own
+behaviour model (`pipelines.world.behaviour`), so served logs look like the world's.
 
 Two drivers share that behaviour:
 - `drive_api`: real HTTP-shaped traffic against a front door (serving/api/online.py):
@@ -30,12 +30,17 @@ import httpx
 import numpy as np
 import pandas as pd
 
+from data_contracts.constants import GRID_SIZE
+from data_contracts.durable import write_text_atomic
 from pipelines import online_eval
-from pipelines.world import examination_propensity
+from pipelines.world.behaviour import (
+    STYLE_ATTRIBUTES,
+    LoggingPolicy,
+    relevance,
+    respond,
+    wanted_product,
+)
 from serving.api.experiments import TEAM_A, TEAM_B, ExperimentConfig, assign_arm, team_draft
-
-GRID = 20
-ATTRIBUTES = ("shape_family", "palette", "pattern", "material")
 
 
 @dataclass
@@ -45,8 +50,7 @@ class BehaviourWorld:
     item_ids: np.ndarray  # str, catalog order
     item_product: np.ndarray  # product index per item
     product_ids: np.ndarray
-    product_cluster: np.ndarray  # int codes
-    product_attrs: np.ndarray  # (products, 4) int codes
+    product_truth: np.ndarray  # (products, TRUTH_COLUMNS) int codes: index, cluster, style
     product_category: np.ndarray  # int codes
     popularity: np.ndarray  # per product
     pool: dict[int, np.ndarray]  # category code -> item indices (the ranker's candidates)
@@ -58,7 +62,8 @@ class BehaviourWorld:
         catalog = pd.read_parquet(world / "tables/catalog.parquet")
         products = pd.read_parquet(world / "truth/products.parquet").reset_index(drop=True)
         index = pd.Series(np.arange(len(products)), index=products["product_id"])
-        attrs = np.stack([pd.factorize(products[a])[0] for a in ATTRIBUTES], axis=1)
+        truth = np.stack([np.arange(len(products)), pd.factorize(products["cluster_id"])[0],
+                          *(pd.factorize(products[a])[0] for a in STYLE_ATTRIBUTES)], axis=1)
         category = pd.factorize(products["category"])[0]
         item_product = index.loc[catalog["product_id"]].to_numpy()
         item_category = category[item_product]
@@ -69,34 +74,26 @@ class BehaviourWorld:
         queries = queries.merge(targets, on="query_id", validate="one_to_one")
         queries["target"] = index.loc[queries.pop("target_product_id")].to_numpy()
         return cls(catalog["item_id"].to_numpy(), item_product,
-                   products["product_id"].to_numpy(), pd.factorize(products["cluster_id"])[0],
-                   attrs, category, products["popularity"].to_numpy(),
+                   products["product_id"].to_numpy(), truth, category,
+                   products["popularity"].to_numpy(),
                    {int(c): np.flatnonzero(item_category == c) for c in np.unique(category)},
                    queries.reset_index(drop=True))
 
     def relevance(self, target: int, items: np.ndarray) -> np.ndarray:
-        """True graded relevance (pipelines.world._relevance) of items to a wanted product."""
-        prod = self.item_product[items]
-        shared = (self.product_attrs[prod] == self.product_attrs[target]).sum(axis=1)
-        return np.where(prod == target, 0.95,
-                        np.where(self.product_cluster[prod] == self.product_cluster[target],
-                                 0.6, np.where(shared >= 2, 0.2, 0.06)))
+        """True graded relevance of items (catalog indices) to a wanted product (index)."""
+        return relevance(self.product_truth[target], self.product_truth[self.item_product[items]])
 
     def draw_target(self, rng: np.random.Generator) -> int:
-        return int(rng.choice(len(self.popularity), p=self.popularity / self.popularity.sum()))
+        return wanted_product(self.popularity, rng)
 
 
 def user_response(world: BehaviourWorld, target: int, shown: np.ndarray,
                   rng: np.random.Generator, activity: float = 1.0
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(clicked, saved) per grid position under the world's behaviour model; `activity`
-    scales how far down this user examines (1 = the world's one user type)."""
-    rel = world.relevance(target, shown)
-    attract = rel * (0.6 + 0.8 * world.popularity[world.item_product[shown]])
-    exam = np.clip(activity * examination_propensity(np.arange(1, len(shown) + 1)), 0, 1)
-    clicked = rng.random(len(shown)) < exam * np.clip(attract, 0, 1)
-    saved = clicked & (rng.random(len(shown)) < 0.2 + 0.5 * (rel >= 0.6))
-    return clicked, saved
+    """(clicked, saved) per grid position of a user wanting `target` and shown the catalog
+    indices `shown` (`pipelines.world.behaviour.respond`)."""
+    return respond(world.relevance(target, shown), world.popularity[world.item_product[shown]],
+                   rng, activity=activity)
 
 
 @dataclass(frozen=True)
@@ -130,7 +127,7 @@ def image_rank_fn(world_root: Path, ranker: TruthRanker
         if digest not in by_digest:
             raise ValueError("the truth ranker knows only the world's query photos")
         items = ranker.rank(by_digest[digest], k, digest)
-        return [(str(ranker.world.item_ids[i]), float(GRID - r)) for r, i in enumerate(items)]
+        return [(str(ranker.world.item_ids[i]), float(GRID_SIZE - r)) for r, i in enumerate(items)]
 
     return rank
 
@@ -158,7 +155,7 @@ def drive_api(client: httpx.Client, world_root: Path, n_sessions: int, seed: int
     for _ in range(n_sessions):
         q = world.queries.iloc[int(rng.integers(0, len(world.queries)))]
         image = (Path(world_root) / q["query_image_path"]).read_bytes()
-        r = client.post("/v1/search", data={"user_id": q["user_id"], "k": str(GRID)},
+        r = client.post("/v1/search", data={"user_id": q["user_id"], "k": str(GRID_SIZE)},
                         files={"image": ("q.jpg", image, "image/jpeg")})
         r.raise_for_status()
         body = r.json()
@@ -182,7 +179,7 @@ def drive_api(client: httpx.Client, world_root: Path, n_sessions: int, seed: int
 # --------------------------------------------------------------------------- the study
 @dataclass(frozen=True)
 class StudyConfig:
-    champion_noise: float = 0.25  # the world's logging ranker
+    champion_noise: float = LoggingPolicy.relevance_noise  # the world's logging ranker
     challenger_noise: float = 0.3  # deliberately worse: 20 % more ranking noise
     max_sessions: int = 8000
     replications: int = 40
@@ -224,14 +221,14 @@ def _one_replication(world: BehaviourWorld, cfg: StudyConfig, rep: int, champion
         target = world.draw_target(rng_ab)
         is_challenger[s] = assign_arm(ab_cfg, f"r{rep}u{s}") == "challenger"
         ranker = challenger if is_challenger[s] else champion
-        shown = ranker.rank(target, GRID, f"ab{rep}-{s}")
+        shown = ranker.rank(target, GRID_SIZE, f"ab{rep}-{s}")
         ab_clicks[s] = user_response(world, target, shown, rng_ab,
                                      _activity(cfg, rng_ab))[0].sum()
 
         target = world.draw_target(rng_il)
         key = f"il{rep}-{s}"
-        a, b = champion.rank(target, GRID, key), challenger.rank(target, GRID, key)
-        drafted = team_draft(a.tolist(), b.tolist(), GRID, lambda: rng_il.random() < 0.5)
+        a, b = champion.rank(target, GRID_SIZE, key), challenger.rank(target, GRID_SIZE, key)
+        drafted = team_draft(a.tolist(), b.tolist(), GRID_SIZE, lambda: rng_il.random() < 0.5)
         shown = np.array([i for i, _ in drafted])
         teams = np.array([t for _, t in drafted])
         clicked = user_response(world, target, shown, rng_il, _activity(cfg, rng_il))[0]
@@ -252,7 +249,7 @@ def _ab_p_values(is_challenger: np.ndarray, clicks: np.ndarray, points: np.ndarr
             y = clicks[:n][is_challenger[:n] == arm]
             if len(y) < 2:
                 break
-            est.append(online_eval.ratio_estimate(y, np.full(len(y), GRID)))
+            est.append(online_eval.ratio_estimate(y, np.full(len(y), GRID_SIZE)))
         if len(est) == 2:
             c = online_eval.compare(est[0], est[1])
             p[j], champion_better[j] = c.p_value, c.diff < 0
@@ -346,7 +343,7 @@ def session_study(world_root: Path, cfg: StudyConfig,
                     "relevance (not the trained embedder): score = relevance + N(0, sigma^2) "
                     "within the wanted product's category"),
         "champion_noise_sigma": cfg.champion_noise,
-        "users": "pipelines.world behaviour model: examination k^-0.7, clicks by "
+        "users": "pipelines.world.behaviour model: examination k^-0.7, clicks by "
                  "relevance x popularity, saves after clicks; user_activity_cv > 0 scales "
                  "examination per user by Gamma(mean 1, that CV)",
         "world": str(world_root), "study": asdict(cfg),
@@ -364,7 +361,7 @@ def session_study(world_root: Path, cfg: StudyConfig,
 def _full_run_analysis(run: dict, cfg: StudyConfig) -> dict:
     """online_eval's A/B and interleaving statistics on one replication's full sessions."""
     est = [online_eval.ratio_estimate(run["clicks"][run["is_challenger"] == arm],
-                                      np.full(int((run["is_challenger"] == arm).sum()), GRID))
+                                      np.full(int((run["is_challenger"] == arm).sum()), GRID_SIZE))
            for arm in (False, True)]
     comparison = online_eval.compare(est[0], est[1])
     ab = {"arms": {name: {"ctr": e.value, "ctr_ci": list(e.ci), "users": e.units}
@@ -407,8 +404,7 @@ def _cli(args) -> int:
                           max_sessions=args.max_sessions, replications=args.replications)
         report = session_study(args.world, cfg, tuple(args.sensitivity),
                                tuple(args.user_activity_cv))
-        args.study.parent.mkdir(parents=True, exist_ok=True)
-        args.study.write_text(json.dumps(report, indent=1))
+        write_text_atomic(args.study, json.dumps(report, indent=1))
         print(json.dumps({k: report[k] for k in ("ab_sessions_needed",
                                                  "interleaving_sessions_needed", "winner")}))
         print(report["verdict_full_run"])

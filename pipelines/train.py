@@ -3,85 +3,97 @@
 Recipe (PyTorch Lightning, CPU-minutes on the demo world):
 - Model: `models.embedder.Embedder`; the frozen trunk runs once per image *view* (the plain
   crop plus `views - 1` augmented ones: jittered square crop, flip, brightness/contrast and
-  colour-cast shifts) and its output is cached on disk (`FeatureCache`), keyed by the
-  frozen weights, so the debiased run, the naive run and a resumed run share it. Only the
+  colour-cast shifts) and its output is cached on disk (`FeatureCache`), one entry per photo
+  content and box, so the debiased run, the naive run and a resumed run share it. Only the
   tuned blocks, the conv head and the projection train.
 - Loss: `models.losses.weighted_info_nce` with the harvest weights, same-product in-batch
   masking and one mined hard negative per pair: at the start of every epoch the current
   model embeds the training items, and each query gets a random pick among its
   `hard_negative_pool` nearest items that are neither the positive's product nor anything
   that query engaged with ("looks close, was not engaged").
-- Every random choice (pair order, views, hard-negative picks) is a function of
-  (seed, epoch), so a run resumed from a checkpoint continues exactly as an uninterrupted one.
-- Early stopping and the best checkpoint follow validation recall@10: val-split queries
-  retrieve among all items (exact search), a hit is any listing of the positive's product.
+- Determinism: every random choice (pair order, views, hard-negative picks) is a function of
+  (seed, epoch) or of (seed, photo bytes, box); each cache entry is computed on its own, so
+  its bytes do not depend on which crops were cached with it or in what order; the fit runs
+  on a fixed number of torch threads. Same params + seed -> the same weights, cold or warm
+  cache, whatever the machine's core count, load or task order.
+- Model selection follows `val_style_recall_at_10`: val-split queries of the style-level
+  pairs (clicks, saves, board co-saves; not the near-duplicate same-product listings)
+  retrieve among all items, a hit is any listing of the positive's product, and each pair
+  counts with its harvest weight (the debiased run's inverse propensity), so the checkpoint
+  is picked by what users engage with, not by where the logging ranker put it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import io
 import json
 import logging
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytorch_lightning as pl
 import torch
 from PIL import Image
 from torch import nn
 
+from data_contracts.durable import write_atomic, write_bytes_atomic, write_json_atomic
 from models.embedder import Embedder, EmbedderSpec, frozen_baseline, save_embedder
 from models.export import export_embedder, export_onnx, onnx_session
 from models.losses import weighted_info_nce
-from models.preprocessing import EMBED_PX, crop_to_box, resize_to_array
-from pipelines.world import world_id
+from models.preprocessing import EMBED_PX, WHOLE_IMAGE, crop_to_box, resize_to_array
+from pipelines.config import load as load_config
+from pipelines.versions import resolved_versions
 
 log = logging.getLogger(__name__)
 PAIR_COLUMNS = ("query_image_path", "query_x0", "query_y0", "query_x1", "query_y1", "item_id",
                 "positive_image_path", "weight", "source", "split")
-AUGMENT_VERSION = 1  # bump when `augmented_view` changes: cached features are keyed by it
+STYLE_SOURCES = ("click", "save", "cosave")  # pairs that say "looks alike", not "same listing"
+SELECT_METRIC = "val_style_recall_at_10"
+AUGMENT_VERSION = 2  # bump when `augmented_view`/`view_inputs` change: cached features depend
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """params.yaml `train:`; every field optional."""
+    """params.yaml `train:` (the defaults are the demo recipe params.yaml spells out)."""
 
     backbone: str = "efficientnet-lite0"
     weights: str | None = None  # local backbone weights (other backbones)
-    tuned_blocks: int = 2
-    tune_conv_head: bool = True
+    tuned_blocks: int = 0
+    tune_conv_head: bool = False
     dim: int = 256
     hidden: int = 512
     views: int = 3  # cached views per image: plain + augmented
     batch_size: int = 256
-    max_epochs: int = 8
-    lr: float = 2e-3
+    max_epochs: int = 15
+    lr: float = 5e-4
     backbone_lr_scale: float = 0.1  # tuned backbone blocks learn slower than the new head
     weight_decay: float = 1e-4
     temperature: float = 0.07
     hard_negatives: bool = True
     hard_negative_pool: int = 20
-    patience: int = 2
+    patience: int = 3
     val_k: int = 10
     seed: int = 0
+    threads: int = 2  # torch threads of the fit: fixed, so the machine's core count is not an input
     progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.views < 1 or self.batch_size < 2 or self.max_epochs < 1 or self.threads < 1:
+            raise ValueError("train needs views >= 1, batch_size >= 2, max_epochs >= 1, "
+                             "threads >= 1")
 
     @classmethod
     def load(cls, params: Path | None, **overrides) -> TrainConfig:
-        from pipelines.params import load_section
-
-        block = {**load_section(params, "train"), **overrides}
-        unknown = set(block) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown train params: {sorted(unknown)}")
-        cfg = cls(**block)
-        if cfg.views < 1 or cfg.batch_size < 2 or cfg.max_epochs < 1:
-            raise ValueError("train needs views >= 1, batch_size >= 2, max_epochs >= 1")
-        return cfg
+        return load_config(cls, params, "train", **overrides)
 
     def spec(self) -> EmbedderSpec:
         return EmbedderSpec(backbone=self.backbone, dim=self.dim, tuned_blocks=self.tuned_blocks,
@@ -100,11 +112,16 @@ class PairTable:
     weight: np.ndarray  # (P,) float32
     group: np.ndarray  # (P,) product code of the positive (same code: not a negative)
     split: np.ndarray  # (P,) "train" / "val"
+    source: np.ndarray  # (P,) click / save / cosave / same_product
     item_product: np.ndarray  # (n_images,) product code per image row, -1 for query photos
 
 
+def _box_text(box: Sequence[float]) -> str:
+    return ",".join(f"{float(v):.4f}" for v in box)
+
+
 def _key(path: str, box: Sequence[float]) -> str:
-    return f"{path}|" + ",".join(f"{float(v):.4f}" for v in box)
+    return f"{path}|{_box_text(box)}"
 
 
 def load_pairs(pairs_path: Path, world: Path) -> PairTable:
@@ -131,15 +148,14 @@ def load_pairs(pairs_path: Path, world: Path) -> PairTable:
     box_cols = ["query_x0", "query_y0", "query_x1", "query_y1"]
     qkeys = [_key(p, b) for p, b in zip(pairs["query_image_path"],
                                         pairs[box_cols].to_numpy(float), strict=True)]
-    whole = (0.0, 0.0, 1.0, 1.0)
-    pkeys = [_key(p, whole) for p in pairs["positive_image_path"]]
+    pkeys = [_key(p, WHOLE_IMAGE) for p in pairs["positive_image_path"]]
     path_item = dict(zip(catalog["image_path"], catalog["item_id"], strict=True))
     rows: dict[str, tuple] = {}
     for key, path, box in zip(qkeys, pairs["query_image_path"],
                               pairs[box_cols].to_numpy(float), strict=True):
         rows.setdefault(key, (path, *box, path_item.get(path)))
     for key, path in zip(pkeys, pairs["positive_image_path"], strict=True):
-        rows.setdefault(key, (path, *whole, path_item.get(path)))
+        rows.setdefault(key, (path, *WHOLE_IMAGE, path_item.get(path)))
     images = pd.DataFrame([(k, *v) for k, v in rows.items()],
                           columns=["key", "path", "x0", "y0", "x1", "y1", "item_id"])
     row_of = {k: i for i, k in enumerate(images["key"])}
@@ -153,6 +169,7 @@ def load_pairs(pairs_path: Path, world: Path) -> PairTable:
         weight=pairs["weight"].to_numpy(np.float32),
         group=np.array([item_code[i] for i in pairs["item_id"]]),
         split=pairs["split"].to_numpy(str),
+        source=pairs["source"].to_numpy(str),
         item_product=np.array([item_code.get(i, -1) if i is not None else -1
                                for i in images["item_id"]]),
     )
@@ -177,90 +194,104 @@ def augmented_view(image: Image.Image, box: Sequence[float], rng: np.random.Gene
     return np.ascontiguousarray(np.clip(arr * gain, 0.0, 1.0), dtype=np.float32)
 
 
-def view_inputs(world: Path, path: str, box: Sequence[float], views: int, seed: int
-                ) -> np.ndarray:
-    """(views, 3, S, S): view 0 is the plain serving crop, the rest augmented (seeded by the
-    crop's key, so a view is the same whatever batch it is computed in)."""
-    with Image.open(Path(world) / path) as img:
+def view_inputs(photo: bytes, box: Sequence[float], views: int, seed: int) -> np.ndarray:
+    """(views, 3, S, S) from a photo's bytes: view 0 is the plain serving crop, the rest
+    augmented, seeded by (seed, photo content, box), so a view is the same whatever else is
+    computed with it and whatever the photo's file is called."""
+    with Image.open(io.BytesIO(photo)) as img:
         image = img.convert("RGB")
-    plain = resize_to_array(crop_to_box(image, None if tuple(box) == (0, 0, 1, 1) else box),
-                            EMBED_PX)
-    digest = hashlib.sha256(f"{seed}|{_key(path, box)}".encode()).digest()
+    plain = resize_to_array(crop_to_box(image, box), EMBED_PX)
+    digest = hashlib.sha256(f"{seed}|{hashlib.sha256(photo).hexdigest()}|{_box_text(box)}"
+                            .encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     return np.stack([plain] + [augmented_view(image, box, rng) for _ in range(views - 1)])
 
 
 class FeatureCache:
-    """Frozen-trunk features of image views on disk, in append-only chunks.
+    """Frozen-trunk features of image views on disk, one file per (photo content, box).
 
-    The directory is named by a hash of the frozen weights, the input size, the number of
-    views, the seed and the augmentation version, so a cache can never serve features of a
-    different trunk; chunks are written to a temp name and renamed, so a crash loses at
-    most the chunk in flight and the next run computes only what is missing.
+    The directory is named by what the numbers depend on: the frozen weights, the input size,
+    the number of views, the seed, the augmentation version and the versions of the packages
+    that decode and run the trunk (Pillow, numpy, onnxruntime). An entry is named by the
+    sha256 of the photo's bytes and the box, so replacing a photo recomputes only its entries
+    and a rewritten table or a renamed file recomputes nothing. Each entry runs through the
+    trunk alone on a single-threaded session, so its bytes do not depend on the batch it was
+    computed in, the build order or the thread count; it is written atomically, so parallel
+    tasks never read a half-built entry (a lock only keeps them from doing the work twice).
     """
 
     def __init__(self, root: Path, model: Embedder, views: int, seed: int) -> None:
         h = hashlib.sha256(f"{EMBED_PX}|{views}|{seed}|{AUGMENT_VERSION}".encode())
+        for package in ("pillow", "numpy", "onnxruntime"):
+            h.update(f"|{package}={resolved_versions([package])[package]}".encode())
         for name, tensor in sorted(model.frozen.state_dict().items()):
             h.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
         self.dir = Path(root) / h.hexdigest()[:16]
         self.model, self.views, self.seed = model, views, seed
+        self.computed = 0  # entries computed by the last `features` call
 
-    def _chunks(self) -> list[Path]:
-        return sorted(self.dir.glob("chunk_[0-9][0-9][0-9][0-9][0-9].npy"))
+    def entry(self, photo_sha: str, box: Sequence[float]) -> Path:
+        name = hashlib.sha256(f"{photo_sha}|{_box_text(box)}".encode()).hexdigest()[:32]
+        return self.dir / name[:2] / f"{name}.npy"
 
-    def features(self, world: Path, images: pd.DataFrame, chunk: int = 1024,
-                 threads: int = 2) -> np.ndarray:
-        """(n, views, C, h, w) float16 for the rows of `images` (key, path, x0..y1)."""
-        import fcntl
+    def entries(self, world: Path, images: pd.DataFrame) -> list[Path]:
+        """The entry file of every row of `images` (path, x0..y1), by photo content."""
+        digests: dict[str, str] = {}
+        for path in images["path"].unique():
+            file = Path(world) / path
+            if not file.is_file():
+                raise FileNotFoundError(f"image not found: {file}")
+            digests[path] = hashlib.sha256(file.read_bytes()).hexdigest()
+        return [self.entry(digests[r[0]], r[1:]) for r in
+                images[["path", "x0", "y0", "x1", "y1"]].itertuples(index=False)]
 
+    def features(self, world: Path, images: pd.DataFrame, threads: int = 2) -> np.ndarray:
+        """(n, views, C, h, w) float16 for the rows of `images` (path, x0..y1)."""
+        files = self.entries(world, images)
+        todo = {f: (path, box) for f, path, box in zip(
+            files, images["path"], images[["x0", "y0", "x1", "y1"]].to_numpy(float),
+            strict=True) if not f.is_file()}
+        self.computed = 0
+        if todo:
+            with self._lock():
+                self._compute([(f, *todo[f]) for f in todo if not f.is_file()], world, threads)
+        return np.stack([np.load(f) for f in files])
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "w") as lock:  # one writer at a time (parallel tasks)
+        with open(self.dir / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            self._compute_missing(world, images, chunk, threads)
-        have = self._index()
-        loaded = [np.load(c, mmap_mode="r") for c in self._chunks()]
-        return np.stack([loaded[i][j] for i, j in (have[k] for k in images["key"])])
+            yield
 
-    def _index(self) -> dict[str, tuple[int, int]]:
-        have: dict[str, tuple[int, int]] = {}
-        for i, c in enumerate(self._chunks()):
-            for j, key in enumerate(json.loads(c.with_suffix(".json").read_text())):
-                have[key] = (i, j)
-        return have
+    def _compute(self, todo: list[tuple[Path, str, np.ndarray]], world: Path, threads: int
+                 ) -> None:
+        if not todo:
+            return
+        onnx = self.dir / "frozen.onnx"
+        if not onnx.is_file():
+            frozen = _Frozen(self.model)
+            was = self.model.training
+            with torch.random.fork_rng():  # the exporter's example input draws from torch's RNG
+                write_atomic(onnx, lambda tmp: export_onnx(frozen, tmp, "images", "features"))
+            self.model.train(was)  # export put the whole model in eval mode
+        session = onnx_session(onnx, threads=1)
 
-    def _compute_missing(self, world: Path, images: pd.DataFrame, chunk: int, threads: int
-                         ) -> None:
-        from concurrent.futures import ThreadPoolExecutor
+        def one(job: tuple[Path, str, np.ndarray]) -> None:
+            file, path, box = job
+            inputs = view_inputs((Path(world) / path).read_bytes(), box, self.views, self.seed)
+            feats = session.run(["features"], {"images": inputs})[0].astype(np.float16)
+            buf = io.BytesIO()
+            np.save(buf, feats)
+            write_bytes_atomic(file, buf.getvalue())
 
-        todo = images[~images["key"].isin(self._index())]
-        if len(todo):
-            onnx = self.dir / "frozen.onnx"
-            if not onnx.exists():
-                export_onnx(_Frozen(self.model), onnx.with_suffix(".tmp.onnx"), "images",
-                            "features")
-                onnx.with_suffix(".tmp.onnx").replace(onnx)
-            session = onnx_session(onnx, threads)
-            n0 = len(self._chunks())
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(threads) as pool:
-                for c, start in enumerate(range(0, len(todo), chunk)):
-                    part = todo.iloc[start:start + chunk]
-                    inputs = np.concatenate(list(pool.map(
-                        lambda r: view_inputs(
-                            Path(world), r[0], (r[1], r[2], r[3], r[4]), self.views,
-                            self.seed),
-                        part[["path", "x0", "y0", "x1", "y1"]].itertuples(index=False))))
-                    feats = np.concatenate([
-                        session.run(["features"], {"images": inputs[i:i + 64]})[0]
-                        for i in range(0, len(inputs), 64)])
-                    feats = feats.reshape(len(part), self.views, *feats.shape[1:])
-                    name = self.dir / f"chunk_{n0 + c:05d}"
-                    np.save(name.with_suffix(".tmp.npy"), feats.astype(np.float16))
-                    name.with_suffix(".json").write_text(json.dumps(part["key"].tolist()))
-                    name.with_suffix(".tmp.npy").replace(name.with_suffix(".npy"))
-                    log.info("cached %d/%d crops x %d views (%.0f s)", start + len(part),
-                             len(todo), self.views, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            for n, _ in enumerate(pool.map(one, todo), start=1):
+                if n % 2048 == 0 or n == len(todo):
+                    log.info("cached %d/%d crops x %d views (%.0f s)", n, len(todo),
+                             self.views, time.perf_counter() - t0)
+        self.computed = len(todo)
 
 
 class _Frozen(nn.Module):
@@ -307,112 +338,134 @@ class _Rows(torch.utils.data.Dataset):
         return row
 
 
-class ContrastiveModule:
-    """Factory for the LightningModule (keeps the `pytorch_lightning` import out of module
-    import time, which the CLI and DAG parsing pay for)."""
+class ContrastiveModule(pl.LightningModule):
+    """Weighted InfoNCE with mined hard negatives over cached frozen features; `model` is
+    the network being trained (its frozen trunk already applied by `feats`)."""
 
-    @staticmethod
-    def build(model: Embedder, table: PairTable, feats: np.ndarray, cfg: TrainConfig):
-        import pytorch_lightning as pl
+    def __init__(self, model: Embedder, table: PairTable, feats: np.ndarray,
+                 cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model, self.table, self.cfg = model, table, cfg
+        train = table.split == "train"
+        self.pairs = np.flatnonzero(train)
+        self.val_pairs = np.flatnonzero(~train)
+        self.feats = torch.from_numpy(np.ascontiguousarray(feats))
+        self.hard = np.full(len(table.query), -1)  # per pair: mined image row or -1
+        self.engaged: dict[int, set[int]] = {}
+        for q, p in zip(table.query, table.positive, strict=True):
+            self.engaged.setdefault(int(q), set()).add(int(table.item_product[p]))
+        self.items = np.unique(table.positive)  # candidate rows (catalog listings)
+        self.curve: list[dict] = []  # one row per finished epoch
+        self.epoch_loss: list[float] = []
 
-        class _Module(pl.LightningModule):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
-                self.cfg = cfg
-                train = table.split == "train"
-                self.pairs = np.flatnonzero(train)
-                self.val_pairs = np.flatnonzero(~train)
-                self.feats = torch.from_numpy(np.ascontiguousarray(feats))
-                self.hard = np.full(len(table.query), -1)  # per pair: mined image row or -1
-                self.engaged: dict[int, set[int]] = {}
-                for q, p in zip(table.query, table.positive, strict=True):
-                    self.engaged.setdefault(int(q), set()).add(int(table.item_product[p]))
-                self.items = np.unique(table.positive)  # candidate rows (catalog listings)
+    def _embed_rows(self, rows: np.ndarray, view: int = 0) -> torch.Tensor:
+        out = [self.model.forward_from_frozen(
+            self.feats[torch.from_numpy(rows[i:i + 1024]), view].float())
+            for i in range(0, len(rows), 1024)]
+        return torch.cat(out)
 
-            def _embed_rows(self, rows: np.ndarray, view: int = 0) -> torch.Tensor:
-                out = [self.model.forward_from_frozen(
-                    self.feats[torch.from_numpy(rows[i:i + 1024]), view].float())
-                    for i in range(0, len(rows), 1024)]
-                return torch.cat(out)
+    @torch.no_grad()
+    def _neighbours(self, queries: np.ndarray, depth: int) -> np.ndarray:
+        was = self.model.training
+        self.model.eval()
+        items = self._embed_rows(self.items)
+        q = self._embed_rows(queries)
+        self.model.train(was)
+        top = torch.topk(q @ items.T, min(depth, len(self.items)), dim=1).indices
+        return self.items[top.numpy()]
 
-            @torch.no_grad()
-            def _neighbours(self, queries: np.ndarray, depth: int) -> np.ndarray:
-                was = self.model.training
-                self.model.eval()
-                items = self._embed_rows(self.items)
-                q = self._embed_rows(queries)
-                self.model.train(was)
-                top = torch.topk(q @ items.T, min(depth, len(self.items)), dim=1).indices
-                return self.items[top.numpy()]
+    def on_train_epoch_start(self) -> None:
+        self.epoch_loss = []  # this epoch's batch losses, for the curve
+        if not self.cfg.hard_negatives:
+            return
+        table = self.table
+        uq, inverse = np.unique(table.query[self.pairs], return_inverse=True)
+        near = self._neighbours(uq, self.cfg.hard_negative_pool + 8)
+        rng = np.random.default_rng([self.cfg.seed, self.current_epoch, 7])
+        for n, pair in enumerate(self.pairs):
+            engaged = self.engaged[int(table.query[pair])]
+            pool = [r for r in near[inverse[n]]
+                    if table.item_product[r] not in engaged][:self.cfg.hard_negative_pool]
+            self.hard[pair] = pool[int(rng.integers(len(pool)))] if pool else -1
 
-            def on_train_epoch_start(self) -> None:
-                if not self.cfg.hard_negatives:
-                    return
-                uq, inverse = np.unique(table.query[self.pairs], return_inverse=True)
-                near = self._neighbours(uq, self.cfg.hard_negative_pool + 8)
-                rng = np.random.default_rng([self.cfg.seed, self.current_epoch, 7])
-                for n, pair in enumerate(self.pairs):
-                    q = int(table.query[pair])
-                    engaged = self.engaged[q]
-                    pool = [r for r in near[inverse[n]]
-                            if table.item_product[r] not in engaged][:self.cfg.hard_negative_pool]
-                    self.hard[pair] = pool[int(rng.integers(len(pool)))] if pool else -1
+    def training_step(self, batch, _):
+        table = self.table
+        pair, qv, pv = batch.T
+        pair = pair.numpy()
+        q_rows = torch.from_numpy(table.query[pair])
+        p_rows = torch.from_numpy(table.positive[pair])
+        q = self.model.forward_from_frozen(self.feats[q_rows, qv.long()].float())
+        p = self.model.forward_from_frozen(self.feats[p_rows, pv.long()].float())
+        hard = None
+        h_rows = self.hard[pair]
+        if self.cfg.hard_negatives and (h_rows >= 0).any():
+            h = torch.from_numpy(h_rows[h_rows >= 0])
+            hard = self.model.forward_from_frozen(self.feats[h, 0].float())
+        loss = weighted_info_nce(q, p, torch.from_numpy(table.weight[pair]),
+                                 torch.from_numpy(table.group[pair]), hard,
+                                 self.cfg.temperature)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(pair))
+        self.epoch_loss.append(float(loss.detach()))
+        return loss
 
-            def training_step(self, batch, _):
-                pair, qv, pv = batch.T
-                pair = pair.numpy()
-                q_rows = torch.from_numpy(table.query[pair])
-                p_rows = torch.from_numpy(table.positive[pair])
-                q = self.model.forward_from_frozen(self.feats[q_rows, qv.long()].float())
-                p = self.model.forward_from_frozen(self.feats[p_rows, pv.long()].float())
-                hard = None
-                h_rows = self.hard[pair]
-                if self.cfg.hard_negatives and (h_rows >= 0).any():
-                    h = torch.from_numpy(h_rows[h_rows >= 0])
-                    hard = self.model.forward_from_frozen(self.feats[h, 0].float())
-                loss = weighted_info_nce(q, p, torch.from_numpy(table.weight[pair]),
-                                         torch.from_numpy(table.group[pair]), hard,
-                                         self.cfg.temperature)
-                self.log("train_loss", loss, prog_bar=True, batch_size=len(pair))
-                return loss
 
-            def on_train_epoch_end(self) -> None:
-                recall = self.val_recall()
-                self.log("val_recall_at_10", recall, prog_bar=True)
-                loss = self.trainer.callback_metrics.get("train_loss")
-                log.info("epoch %d: train_loss %.4f, val_recall_at_10 %.4f", self.current_epoch,
-                         float("nan") if loss is None else float(loss), recall)
+    def on_train_epoch_end(self) -> None:
+        scores = self.validation()
+        for name, value in scores.items():
+            self.log(name, value, prog_bar=name == SELECT_METRIC)
+        row = {"epoch": int(self.current_epoch),
+               "train_loss": round(float(np.mean(self.epoch_loss)), 5) if self.epoch_loss
+               else None,
+               **{k: round(v, 5) for k, v in scores.items()}}
+        self.curve.append(row)
+        log.info("epoch %d: %s", self.current_epoch,
+                 ", ".join(f"{k} {v}" for k, v in row.items() if k != "epoch"))
 
-            @torch.no_grad()
-            def val_recall(self) -> float:
-                """Share of val pairs whose positive's product is among the top val_k."""
-                pairs = self.val_pairs if len(self.val_pairs) else self.pairs
-                near = self._neighbours(table.query[pairs], self.cfg.val_k)
-                hits = (table.item_product[near] == table.group[pairs][:, None]).any(axis=1)
-                return float(hits.mean())
+    def _val_split(self, sources: Sequence[str] | None) -> np.ndarray:
+        """Val pairs (of `sources`); the train pairs where the harvest held none out."""
+        for pool in (self.val_pairs, self.pairs):
+            chosen = pool if sources is None else pool[np.isin(self.table.source[pool], sources)]
+            if len(chosen):
+                return chosen
+        return self.val_pairs if len(self.val_pairs) else self.pairs
 
-            def configure_optimizers(self):
-                backbone = [p for p in self.model.tuned.parameters() if p.requires_grad]
-                head = list(self.model.head.parameters())
-                groups = [{"params": backbone, "lr": self.cfg.lr * self.cfg.backbone_lr_scale},
-                          {"params": head, "lr": self.cfg.lr}]
-                return torch.optim.AdamW([g for g in groups if g["params"]],
-                                         weight_decay=self.cfg.weight_decay)
+    @torch.no_grad()
+    def validation(self) -> dict[str, float]:
+        """Recall@val_k of val queries among all items (a hit: any listing of the positive's
+        product): over every val pair, and weighted over the style-level pairs (selection)."""
+        table, out = self.table, {}
+        for name, sources in (("val_recall_at_10", None), (SELECT_METRIC, STYLE_SOURCES)):
+            pairs = self._val_split(sources)
+            near = self._neighbours(table.query[pairs], self.cfg.val_k)
+            hits = (table.item_product[near] == table.group[pairs][:, None]).any(axis=1)
+            weight = table.weight[pairs] if sources is not None else np.ones(len(pairs))
+            out[name] = float((hits * weight).sum() / weight.sum())
+        return out
 
-            def _sampling_epoch(self) -> int:
-                """overfit_batches must see the same batch every epoch."""
-                return 0 if self.trainer.overfit_batches else self.current_epoch
+    def configure_optimizers(self):
+        backbone = [p for p in self.model.tuned.parameters() if p.requires_grad]
+        head = list(self.model.head.parameters())
+        groups = [{"params": backbone, "lr": self.cfg.lr * self.cfg.backbone_lr_scale},
+                  {"params": head, "lr": self.cfg.lr}]
+        return torch.optim.AdamW([g for g in groups if g["params"]],
+                                 weight_decay=self.cfg.weight_decay)
 
-            def train_dataloader(self):
-                return torch.utils.data.DataLoader(
-                    _Rows(len(self.pairs)),
-                    batch_sampler=EpochBatches(len(self.pairs), self.cfg.batch_size,
-                                               self.cfg.views, self.cfg.seed,
-                                               self._sampling_epoch),
-                    collate_fn=lambda rows: _as_pairs(rows, self.pairs))
+    def _sampling_epoch(self) -> int:
+        """overfit_batches must see the same batch every epoch."""
+        return 0 if self.trainer.overfit_batches else self.current_epoch
 
-        return _Module()
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(
+            _Rows(len(self.pairs)),
+            batch_sampler=EpochBatches(len(self.pairs), self.cfg.batch_size, self.cfg.views,
+                                       self.cfg.seed, self._sampling_epoch),
+            collate_fn=lambda rows: _as_pairs(rows, self.pairs))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["loupe_curve"] = self.curve  # a resumed run keeps the earlier epochs' rows
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.curve = list(checkpoint.get("loupe_curve", []))
 
 
 def _as_pairs(rows: list[tuple], pairs: np.ndarray) -> torch.Tensor:
@@ -420,6 +473,16 @@ def _as_pairs(rows: list[tuple], pairs: np.ndarray) -> torch.Tensor:
     arr = torch.tensor(rows, dtype=torch.long)
     arr[:, 0] = torch.from_numpy(pairs[arr[:, 0].numpy()])
     return arr
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------- entrypoints
@@ -430,14 +493,20 @@ class TrainResult:
     metrics: dict
 
 
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of the state dict's bytes: two runs trained the same weights iff it matches."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def train(world: Path, pairs_path: Path, out_dir: Path, cfg: TrainConfig | None = None,
           cache_dir: Path | None = None, resume: bool = False, fast_dev_run: bool = False,
-          overfit_batches: int = 0) -> TrainResult:
-    """Fit, keep the best checkpoint by val recall@10, save and export it; `out_dir` gets
-    checkpoints/, embedder.pt, export/ and train.json."""
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
-
+          overfit_batches: int = 0, callbacks: Sequence[pl.Callback] = ()) -> TrainResult:
+    """Fit, keep the best checkpoint by `SELECT_METRIC`, save and export it; `out_dir` gets
+    checkpoints/, embedder.pt, export/ and train.json (metrics, per-epoch curve, the
+    resolved package versions). `callbacks` join the checkpointing ones."""
     cfg = cfg or TrainConfig()
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -451,52 +520,59 @@ def train(world: Path, pairs_path: Path, out_dir: Path, cfg: TrainConfig | None 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     table = load_pairs(pairs_path, world)
     model = Embedder(cfg.spec())
-    # image paths repeat across generated worlds: one cache directory per world
-    cache = FeatureCache((cache_dir or out_dir.parent / "feature_cache") / world_id(world),
-                         model, cfg.views, cfg.seed)
-    feats = cache.features(world, table.images)
+    cache = FeatureCache(cache_dir or out_dir.parent / "feature_cache", model, cfg.views,
+                         cfg.seed)
+    feats = cache.features(world, table.images, threads=cfg.threads)
     cache_s = time.perf_counter() - t0
-    module = ContrastiveModule.build(model, table, feats, cfg)
-    # best by val recall, and the latest epoch for resume (Lightning's save_last only
-    # follows top-k saves, so "last" would lag behind an epoch that did not improve)
-    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_recall_at_10",
-                                 mode="max", save_on_train_epoch_end=True,
-                                 enable_version_counter=False),
-                 ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None,
-                                 save_on_train_epoch_end=True, enable_version_counter=False),
-                 EarlyStopping(monitor="val_recall_at_10", mode="max", patience=cfg.patience,
-                               check_on_train_epoch_end=True)]
+    module = ContrastiveModule(model, table, feats, cfg)
+    # best by the selection metric, and the latest epoch for resume (Lightning's save_last
+    # only follows top-k saves, so "last" would lag behind an epoch that did not improve)
+    best_ckpt = _checkpoint(ckpt_dir, "best", SELECT_METRIC)
+    own = [best_ckpt, _checkpoint(ckpt_dir, "last", None),
+           pl.callbacks.EarlyStopping(monitor=SELECT_METRIC, mode="max", patience=cfg.patience,
+                                      check_on_train_epoch_end=True)]
     trainer = pl.Trainer(
         max_epochs=cfg.max_epochs, accelerator="cpu", devices=1, deterministic=True,
-        callbacks=None if fast_dev_run else callbacks, logger=False,
+        callbacks=[*([] if fast_dev_run else own), *callbacks], logger=False,
         enable_checkpointing=not fast_dev_run, fast_dev_run=fast_dev_run,
         overfit_batches=overfit_batches, limit_val_batches=0, num_sanity_val_steps=0,
         enable_progress_bar=cfg.progress_bar, enable_model_summary=False)
     t1 = time.perf_counter()
-    with warnings.catch_warnings():  # the frozen trunk is in eval mode on purpose
+    with warnings.catch_warnings(), _torch_threads(cfg.threads):
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         trainer.fit(module, ckpt_path=str(last) if resume else None)
-    fit_s = time.perf_counter() - t1
-    best_path = callbacks[0].best_model_path if not fast_dev_run else ""
-    if best_path:
-        state = torch.load(best_path, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(state)
-    model.eval()
+        fit_s = time.perf_counter() - t1
+        best_path = best_ckpt.best_model_path if not fast_dev_run else ""
+        if best_path:
+            state = torch.load(best_path, map_location="cpu", weights_only=False)["state_dict"]
+            module.load_state_dict(state)
+        model.eval()
+        final = module.validation()
     save_embedder(model, out_dir / "embedder.pt")
     export_dir = export_embedder(model, out_dir / "export", {"trained_on": str(pairs_path)})
-    best = callbacks[0].best_model_score if not fast_dev_run else None
+    best = best_ckpt.best_model_score if not fast_dev_run else None
     metrics = {
         "train_seconds": round(time.perf_counter() - t0, 1), "cache_seconds": round(cache_s, 1),
         "fit_seconds": round(fit_s, 1), "epochs": int(trainer.current_epoch),
-        "best_val_recall_at_10": None if best is None else round(float(best), 4),
-        "final_val_recall_at_10": round(module.val_recall(), 4),
+        "selected_by": SELECT_METRIC,
+        "best_val_style_recall_at_10": None if best is None else round(float(best), 4),
+        "final_val_recall_at_10": round(final["val_recall_at_10"], 4),
+        "final_val_style_recall_at_10": round(final[SELECT_METRIC], 4),
+        "curve": module.curve, "weights_sha256": weights_digest(model),
         "n_pairs_train": int((table.split == "train").sum()),
         "n_pairs_val": int((table.split == "val").sum()), "n_crops": len(table.images),
-        "pairs": str(pairs_path), "config": asdict(cfg),
+        "cache_entries_computed": cache.computed, "pairs": str(pairs_path),
+        "config": asdict(cfg), "versions": resolved_versions(),
     }
-    (out_dir / "train.json").write_text(json.dumps(metrics, indent=1))
+    write_json_atomic(out_dir / "train.json", metrics, sort_keys=False)
     return TrainResult(out_dir, export_dir, metrics)
+
+
+def _checkpoint(ckpt_dir: Path, filename: str, monitor: str | None) -> pl.Callback:
+    return pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename=filename, monitor=monitor,
+                                        mode="max", save_on_train_epoch_end=True,
+                                        enable_version_counter=False)
 
 
 def export_baseline(out_dir: Path, cfg: TrainConfig | None = None) -> Path:

@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
+from data_contracts.durable import atomic_dir
 from models.detector import (
     ONNX_FILE,
     SPEC_FILE,
@@ -39,7 +40,6 @@ from models.detector import (
     postprocess,
     prepare_image,
 )
-from pipelines.storage import atomic_dir
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # COCO's 0.5:0.05:0.95
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # COCO's 101-point interpolation
@@ -681,7 +681,7 @@ def add_cli(sub) -> None:
 
 
 def _cli(args) -> int:
-    from pipelines.params import load_section
+    from pipelines.config import load_section
 
     overrides = load_section(args.params, "detector")
     if args.tracking_uri is not None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from serving.api.app import ApiSettings
 from serving.api.rerank import RerankConfig
-from serving.shards import layout
+from serving.shards import pointer
 from serving.triton.server import REPO_ROOT, TritonServer, free_port
 
 
@@ -131,7 +131,7 @@ class ServingStack:
 
     def start(self, timeout_s: float = 180.0) -> ServingStack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        manifest = layout.live_manifest(self.index_root)
+        manifest = pointer.live_manifest(self.index_root)
         try:
             self.triton = TritonServer(self.triton_repo, self.run_dir / "triton")
             self.triton.start_process()  # boots while the shard replicas load

@@ -1,4 +1,9 @@
-"""Shared fixtures. Airflow reads its environment at first import, so set it here, first."""
+"""Shared fixtures. Airflow reads its environment at first import, so set it here, first.
+
+The suite never writes to the user's stores: MLflow and the orchestration root point into
+temp dirs (each test gets its own tracking store), and a session guard fails the run if the
+checkout's mlflow.db, mlruns/, runs/ or reports/ changed while it ran.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,61 @@ import os
 import tempfile
 from pathlib import Path
 
-_AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="loupe-airflow-"))
-os.environ.setdefault("AIRFLOW_HOME", str(_AIRFLOW_HOME))
+REPO = Path(__file__).resolve().parents[1]
+_SCRATCH = Path(tempfile.mkdtemp(prefix="loupe-tests-"))
+(_SCRATCH / "airflow").mkdir()
+os.environ.setdefault("AIRFLOW_HOME", str(_SCRATCH / "airflow"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(Path(__file__).parents[1] / "dags"))
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(REPO / "dags"))
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# forced, not defaulted: a user's own store in the environment must not receive test runs
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SCRATCH / 'mlflow.db'}"
+os.environ["LOUPE_ROOT"] = str(_SCRATCH / "loupe")
 
 import pytest  # noqa: E402
 
 from pipelines.world import generate_world  # noqa: E402
+
+# what a test run must leave as it found it (reports/faults.json only with LOUPE_WRITE_REPORTS)
+GUARDED = ("mlflow.db", "mlruns", "runs", "reports")
+
+
+def checkout_fingerprint(repo: Path = REPO) -> dict[str, tuple[int, int]]:
+    """relative path -> (size, mtime_ns) of every file under the guarded paths."""
+    out: dict[str, tuple[int, int]] = {}
+    for name in GUARDED:
+        top = repo / name
+        files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file())
+        for f in files:
+            st = f.stat()
+            out[str(f.relative_to(repo))] = (st.st_size, st.st_mtime_ns)
+    if os.environ.get("LOUPE_WRITE_REPORTS"):
+        out.pop("reports/faults.json", None)
+    return out
+
+
+def pytest_sessionstart(session) -> None:
+    session.config._loupe_fingerprint = checkout_fingerprint()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    before = getattr(session.config, "_loupe_fingerprint", None)
+    if before is None:
+        return
+    after = checkout_fingerprint()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if changed:
+        print(f"\nERROR: the test suite changed the checkout's stores: {changed[:10]}"
+              f"{' ...' if len(changed) > 10 else ''}; tests must write to temp dirs "
+              "(MLFLOW_TRACKING_URI, LOUPE_ROOT, tmp_path)")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def _own_tracking_store(tmp_path_factory, monkeypatch):
+    """Each test's MLflow runs land in a store of its own."""
+    store = tmp_path_factory.mktemp("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ retrieval quality?*, CIKM 2008): in each round the team with fewer picks (a fair
 tie) adds its best item not yet shown, and every shown item remembers the team that placed
 it. A grid's clicks then credit teams; the ranker whose items get more clicks wins it.
 
-A share of A/B grids (`randomised_share`) is logged with its top 20 shuffled
-(`shuffle_top20`), the randomised traffic the harvester estimates position bias from.
+A share of A/B grids (`randomised_share`) is logged with its top GRID_SIZE shuffled
+(`RANDOMISED_POLICY`), the randomised traffic the harvester estimates position bias from.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from data_contracts.constants import GRID_SIZE
 
 INTERLEAVED = "interleaved"
 TEAM_A, TEAM_B = "A", "B"
@@ -104,7 +106,7 @@ def is_randomised(cfg: ExperimentConfig, request_id: str) -> bool:
     return unit_hash(cfg.salt, "shuffle", request_id) < cfg.randomised_share
 
 
-def shuffle_top(items: Sequence, request_id: str, n: int = 20) -> list:
+def shuffle_top(items: Sequence, request_id: str, n: int = GRID_SIZE) -> list:
     """The first `n` items in a random order seeded by the request id, the rest unchanged."""
     head = list(items[:n])
     random.Random(unit_hash("shuffle-order", request_id)).shuffle(head)

@@ -35,11 +35,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_contracts import schemas
+from data_contracts.constants import LOGGING_POLICIES
+from data_contracts.validation import validate_table
 
 DB_NAME = "impressions.sqlite"
 QUERY_IMAGE_DIR = "images/queries"
 EVENT_KINDS = ("click", "save")
-LOGGING_POLICIES = ("ranker", "shuffle_top20")
 CONTEXT_COLUMNS = ["impression_id", "request_id", "client_session_id", "experiment", "arm",
                    "team", "model_version", "index_version"]
 
@@ -312,8 +313,6 @@ def export_impressions(log: ImpressionLog, out_dir: Path, catalog_path: Path,
     """Write `impressions.parquet` (validated by its GE contract before it lands) and
     `impression_context.parquet` into `out_dir`; a contract failure raises and replaces
     nothing (the rejected file goes to quarantine when `quarantine_dir` is given)."""
-    from pipelines.validate import validate_table
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     impressions, context = impressions_frames(log)
@@ -347,8 +346,6 @@ def publish_to_data_root(log: ImpressionLog, data_root: Path,
     photos are copied to `data_root` first; the merged table must pass the impressions
     contract before it replaces the old one.
     """
-    from pipelines.validate import validate_table
-
     data_root = Path(data_root)
     tables = data_root / "tables"
     target = tables / "impressions.parquet"

@@ -16,7 +16,6 @@ logged is not served: its clicks would be lost).
 from __future__ import annotations
 
 import asyncio
-import io
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,8 +25,9 @@ from typing import Protocol
 
 import httpx
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
-from PIL import Image, UnidentifiedImageError
 
+from data_contracts.constants import GRID_SIZE, RANDOMISED_POLICY, RANKER_POLICY
+from serving.api.errors import ApiError, answer_api_error
 from serving.api.events import events_router
 from serving.api.experiments import (
     DEFAULT_CONFIG,
@@ -40,9 +40,8 @@ from serving.api.experiments import (
     team_draft,
 )
 from serving.api.impressions import Grid, ImpressionLog, ShownItem
+from serving.api.uploads import check_image
 
-MAX_IMAGE_BYTES = 8 * 1024 * 1024
-MAX_GRID = 20  # the impressions contract's largest position (data_contracts MAX_POSITION)
 WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)
 Box = tuple[float, float, float, float]
 
@@ -110,17 +109,6 @@ class RankerBackend:
         return Ranked(self.rank(image, k), self.model_version, self.index_version)
 
 
-def _check_image(data: bytes) -> None:
-    if not data:
-        raise HTTPException(422, "empty image upload")
-    if len(data) > MAX_IMAGE_BYTES:
-        raise HTTPException(413, f"image larger than {MAX_IMAGE_BYTES} bytes")
-    try:
-        Image.open(io.BytesIO(data)).verify()
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise HTTPException(422, f"not a decodable image: {err}") from err
-
-
 def _interleave(a: Ranked, b: Ranked, k: int, request_id: str
                 ) -> tuple[list[ShownItem], str, str]:
     score = dict(a.items) | {i: s for i, s in b.items if i not in dict(a.items)}
@@ -139,6 +127,7 @@ def create_online_app(cfg: ExperimentConfig, backends: Mapping[str, SearchBacken
     if missing:
         raise ValueError(f"no search backend for rankers {sorted(missing)}")
     app = FastAPI(title="Loupe experiment front door", version="1")
+    app.add_exception_handler(ApiError, answer_api_error)
     app.include_router(events_router(log))
 
     async def ranked(names: Sequence[str], image: bytes, box: str | None, k: int,
@@ -152,23 +141,24 @@ def create_online_app(cfg: ExperimentConfig, backends: Mapping[str, SearchBacken
     @app.post("/v1/search")
     async def search(image: UploadFile = File(...), user_id: str = Form(...),
                      session_id: str | None = Form(None), box: str | None = Form(None),
-                     k: int = Form(MAX_GRID), region: str | None = Form(None)):
-        if not 1 <= k <= MAX_GRID:
-            raise HTTPException(422, f"k must be within 1..{MAX_GRID} (logged grids), got {k}")
+                     k: int = Form(GRID_SIZE), region: str | None = Form(None)):
+        if not 1 <= k <= GRID_SIZE:
+            raise HTTPException(422, f"k must be within 1..{GRID_SIZE} (logged grids), got {k}")
         if not user_id.strip():
             raise HTTPException(422, "user_id must not be blank")
         data = await image.read()
-        _check_image(data)
+        check_image(data)
         request_id = uuid.uuid4().hex
         arm = assign_arm(cfg, user_id)
         answers = await ranked(cfg.arm_rankers(arm), data, box, k, region)
-        policy = "ranker"
+        policy = RANKER_POLICY
         if arm == INTERLEAVED:
             shown, model_version, index_version = _interleave(*answers, k, request_id)
         else:
             items = answers[0].items[:k]
             if is_randomised(cfg, request_id):
-                items, policy = shuffle_top(items, request_id, MAX_GRID), "shuffle_top20"
+                items = shuffle_top(items, request_id, GRID_SIZE)
+                policy = RANDOMISED_POLICY
             shown = [ShownItem(i, pos, s) for pos, (i, s) in enumerate(items, start=1)]
             model_version, index_version = answers[0].model_version, answers[0].index_version
         if not shown:

@@ -1,5 +1,5 @@
-"""On-disk layout of an index root, shared by the builders (pipelines/index.py), the streaming
-indexer (pipelines/ingest.py) and the shard stores that serve it.
+"""On-disk layout of an index root, shared by the builders (serving/shards/kinds.py), the
+pointer moves (serving/shards/pointer.py), the streaming indexer and the shard stores.
 
     <index_root>/
       versions/<version>/            one index version; immutable once manifest.json exists
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 VERSIONS = "versions"
@@ -82,50 +81,3 @@ def read_manifest(vdir: Path) -> dict:
         raise FileNotFoundError(f"index version {vdir} has no {MANIFEST}: not built or "
                                 "not finalised")
     return json.loads(path.read_text())
-
-
-def live_manifest(index_root: Path) -> dict:
-    """The manifest of the version `current` names (FileNotFoundError when nothing is live)."""
-    current = pointer(index_root)
-    if current is None:
-        raise FileNotFoundError(f"{index_root}: no live index version (cutover first)")
-    return read_manifest(version_dir(index_root, current))
-
-
-def pointer(index_root: Path, name: str = CURRENT) -> str | None:
-    """The version a pointer (`current` / `previous`) names, or None when it is not set.
-
-    A move of both pointers commits when `current` is renamed (pipelines/index.py); while a
-    move is in flight, or after one was killed, `previous` is read from its intent record,
-    on the side of the commit that `current` shows, so the pair a reader sees is always
-    one that a whole move produced."""
-    link = Path(index_root) / name
-    if name == PREVIOUS:
-        pending = pending_move(index_root)
-        if pending is not None:
-            committed = pointer(index_root, CURRENT) == pending["to"]
-            return pending["previous_after" if committed else "previous_before"]
-    try:
-        return Path(os.readlink(link)).name
-    except FileNotFoundError:
-        return None
-
-
-def pending_move(index_root: Path) -> dict | None:
-    """The intent record of a pointer move that has not finished, or None."""
-    try:
-        return json.loads((Path(index_root) / PENDING_MOVE).read_text())
-    except FileNotFoundError:
-        return None
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temp sibling, fsync it, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -17,7 +17,6 @@ embedded by the old model during a model switch) is answered without a reload.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -27,13 +26,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from serving.shards import layout
+from serving.shards import layout, pointer
 from serving.shards.delta import DELETE, UPSERT, DeltaLog, DeltaRow
+from serving.shards.kinds import ShardIndex
 
 log = logging.getLogger("loupe.shards")
-
-HNSW_FP16, IVFPQ = "hnsw_fp16", "ivfpq"
-
 
 class VersionMismatch(RuntimeError):
     """An index or a query vector comes from a model other than the one being served."""
@@ -55,74 +52,6 @@ class SearchResult:
     index_version: str
     model_version: str
     shard_id: int
-
-
-# --------------------------------------------------------------------------- base shard
-class ShardIndex:
-    """One built shard: a read-only FAISS index whose labels are rows of `ids`/`vectors`."""
-
-    def __init__(self, meta: dict, index: faiss.Index, ids: np.ndarray, vectors: np.ndarray):
-        self.meta, self.index, self.ids, self.vectors = meta, index, ids, vectors
-        self.kind: str = meta["kind"]
-        self.params: dict = meta["params"]
-        self.shard_id: int = meta["shard_id"]
-        self.label_of = {item: row for row, item in enumerate(ids.tolist())}
-
-    @classmethod
-    def load(cls, vdir: Path, shard_id: int, manifest: dict, verify: bool = True
-             ) -> ShardIndex:
-        """Load a shard of a finished version, checking every file against the manifest."""
-        sdir = layout.shard_dir(vdir, shard_id)
-        entry = next((s for s in manifest["shards"] if s["shard_id"] == shard_id), None)
-        if entry is None:
-            raise ValueError(f"{vdir}: manifest has no shard {shard_id} "
-                             f"(n_shards={manifest['n_shards']})")
-        if verify:
-            for name, info in entry["files"].items():
-                got = layout.sha256_file(sdir / name)
-                if got != info["sha256"]:
-                    raise ValueError(f"{sdir / name}: sha256 {got[:12]}... does not match the "
-                                     f"manifest ({info['sha256'][:12]}...): corrupted shard")
-        meta = json.loads((sdir / layout.SHARD_META).read_text())
-        index = faiss.read_index(str(sdir / layout.INDEX_FILE))
-        ids = np.load(sdir / layout.IDS_FILE, allow_pickle=False)
-        vectors = np.load(sdir / layout.VECTORS_FILE, mmap_mode="r", allow_pickle=False)
-        if not (index.ntotal == len(ids) == len(vectors) == meta["count"]):
-            raise ValueError(f"{sdir}: index holds {index.ntotal} vectors, ids {len(ids)}, "
-                             f"vectors {len(vectors)}, shard.json {meta['count']}")
-        return cls(meta, index, ids, vectors)
-
-    def search(self, queries: np.ndarray, k: int, selector: faiss.IDSelector | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, labels), each (nq, k); label -1 where fewer than k items qualify."""
-        if self.index.ntotal == 0:
-            return (np.full((len(queries), k), -np.inf, np.float32),
-                    np.full((len(queries), k), -1, np.int64))
-        if self.kind == HNSW_FP16:
-            params = faiss.SearchParametersHNSW(efSearch=max(k, self.params["ef_search"]))
-            if selector is not None:
-                params.sel = selector
-            dist, labels = self.index.search(queries, k, params=params)
-            return 1.0 - dist / 2.0, labels  # squared L2 of unit vectors -> cosine
-        if self.kind == IVFPQ:
-            params = faiss.SearchParametersIVF(nprobe=self.params["nprobe"])
-            if selector is not None:
-                params.sel = selector
-            n_cand = max(k, self.params["rescore"])
-            _, cand = self.index.search(queries, n_cand, params=params)
-            return _rescore(self.vectors, queries, cand, k)
-        raise ValueError(f"unknown shard index kind {self.kind!r}")
-
-
-def _rescore(vectors: np.ndarray, queries: np.ndarray, cand: np.ndarray, k: int
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine of each query with its PQ candidates (raw vectors), best k first."""
-    safe = np.where(cand >= 0, cand, 0)
-    exact = np.einsum("qcd,qd->qc", np.asarray(vectors[safe.ravel()]).reshape(
-        *cand.shape, -1), queries)
-    exact = np.where(cand >= 0, exact, -np.inf).astype(np.float32)
-    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(exact, order, 1), np.take_along_axis(cand, order, 1)
 
 
 # --------------------------------------------------------------------------- delta
@@ -325,7 +254,7 @@ class ShardStore:
         """First load of the live version; raises (VersionMismatch, FileNotFoundError) if it
         cannot be served, so a misconfigured server fails at start, not per query."""
         with self._write_lock:
-            target = layout.pointer(self.index_root)
+            target = pointer.read(self.index_root)
             if target is None:
                 raise FileNotFoundError(f"{self.index_root}/{layout.CURRENT} is not set: "
                                         "no index version has been cut over yet")
@@ -336,7 +265,7 @@ class ShardStore:
     def refresh(self) -> None:
         """One poll: follow the pointer (hot-swap), apply new delta rows, expire warm ones."""
         with self._write_lock:
-            target = layout.pointer(self.index_root)
+            target = pointer.read(self.index_root)
             live = self._live
             if target is not None and (live is None or target != live.version) \
                     and target not in self._refused:

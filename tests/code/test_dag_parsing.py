@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.monitor import HealthBreach
 from pipelines.orchestration import (
     CHAMPION_ASSET_URI,
     CONFIG_ENV,
     SHARD_BUILD_POOL,
-    CanaryFailed,
-    HealthBreach,
-    NothingLive,
     alert_on_failure,
 )
+from pipelines.rollout import CanaryFailed, NothingLive
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
 DAG_FILES = {

@@ -238,6 +238,8 @@ class BoxedDetector:
     """Detector stand-in with the ExportedDetector interface: two fixed detections, the
     off-centre one larger, so the salience rule (not "the biggest box") decides."""
 
+    categories = ["lamp", "sofa"]
+
     def __init__(self):
         self.seen = []
 
@@ -250,21 +252,64 @@ class BoxedDetector:
                 for _ in images]
 
 
+def colour_embedder(batch):
+    """Embedder stand-in (what models.embedder.embed_images runs): mean colour of the crop."""
+    v = np.zeros((len(batch), 256), np.float32)
+    v[:, :3] = np.asarray(batch).mean(axis=(2, 3))
+    v[:, 3] = 0.1
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
 def test_catalog_photos_get_the_query_treatment(tiny_world):
-    """detect -> salient box -> crop+embed; a caller's box (a rater query's) skips detection."""
-    detector, calls = BoxedDetector(), []
+    """detect -> salient box -> crop -> embed; a caller's box (a rater query's) skips
+    detection; the category rule picks the listing's object instead."""
+    from models.detector import PickPolicy
+    from models.embedder import embed_images
 
-    def embed_images(model, root, paths, boxes):
-        calls.append((model, root, list(paths), np.asarray(boxes)))
-        return np.tile(np.eye(256, dtype=np.float32)[:1], (len(paths), 1))
-
-    fn = embed.detect_crop_embed_fn(tiny_world, detector, "the-model", embed_images)
+    detector = BoxedDetector()
+    treat = embed.CatalogTreatment(colour_embedder, detector, tiny_world, "loupe-detector/7",
+                                   PickPolicy())
     paths = pd.read_parquet(tiny_world / "tables/catalog.parquet")["image_path"][:3].tolist()
-    assert fn(paths, None).shape == (3, 256)
-    model, root, got_paths, boxes = calls[-1]
-    assert (model, root, got_paths) == ("the-model", tiny_world, paths)
-    np.testing.assert_allclose(boxes, [[0.35, 0.35, 0.65, 0.65]] * 3)
-    assert detector.seen == [(128, 128)] * 3
-    fn(paths[:1], np.array([[0.1, 0.2, 0.3, 0.4]]))
-    assert len(detector.seen) == 3
-    np.testing.assert_allclose(calls[-1][3], [[0.1, 0.2, 0.3, 0.4]])
+    salient = np.array([[0.35, 0.35, 0.65, 0.65]] * 3)
+    boxes = treat.boxes(paths)
+    np.testing.assert_allclose(boxes, salient)
+    got = treat(paths, None)
+    np.testing.assert_array_equal(got, embed_images(colour_embedder, tiny_world, paths, boxes))
+    assert not np.allclose(got, embed_images(colour_embedder, tiny_world, paths, None))
+    assert detector.seen == [(128, 128)] * 6
+    given = np.array([[0.1, 0.2, 0.3, 0.4]])
+    np.testing.assert_array_equal(treat(paths[:1], given),
+                                  embed_images(colour_embedder, tiny_world, paths[:1], given))
+    assert len(detector.seen) == 6
+    assert treat.metadata == {"detector_version": "loupe-detector/7",
+                              "pick_policy": "salient>whole"}
+    by_category = embed.CatalogTreatment(
+        colour_embedder, detector, tiny_world, "loupe-detector/7",
+        PickPolicy.parse("category>salient>whole"), {paths[0]: "lamp", paths[1]: "sofa"})
+    np.testing.assert_allclose(by_category.boxes(paths), [[0.0, 0.0, 0.3, 0.6],
+                                                          *salient[1:]])
+    with pytest.raises(ValueError, match="detector_version is required"):
+        embed.CatalogTreatment(colour_embedder, detector, tiny_world, "", PickPolicy())
+
+
+def test_embedding_run_records_its_treatment_and_refuses_another(tiny_world, tmp_path):
+    """run.json carries the detector and pick policy beside the model version: a resumed run
+    with another detector would mix two vector sets, so it is refused."""
+    from models.detector import PickPolicy
+
+    def treatment(detector_version):
+        return embed.CatalogTreatment(colour_embedder, BoxedDetector(), tiny_world,
+                                      detector_version, PickPolicy())
+
+    out = tmp_path / "emb"
+    summary = reembed(tiny_world, "loupe-embedder/1", treatment("loupe-detector/1"), out, [0],
+                      BATCH, n_partitions=N_PARTS, validate=False, show_progress=False)
+    want = {"detector_version": "loupe-detector/1", "pick_policy": "salient>whole"}
+    assert summary["treatment"] == want
+    assert embedding_progress(out)["treatment"] == want
+    with pytest.raises(ValueError, match="treatment="):
+        reembed(tiny_world, "loupe-embedder/1", treatment("loupe-detector/2"), out, [1], BATCH,
+                n_partitions=N_PARTS, validate=False, show_progress=False)
+    reembed(tiny_world, "loupe-embedder/1", treatment("loupe-detector/1"), out, None, BATCH,
+            n_partitions=N_PARTS, validate=False, show_progress=False)
+    assert load_embeddings(out).treatment == want

@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from pipelines.validate import ContractViolation
+from data_contracts.validation import ContractViolation
 from serving.api.events import events_router
 from serving.api.impressions import Grid, ImpressionLog, ShownItem, export_impressions
 

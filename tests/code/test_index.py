@@ -17,17 +17,13 @@ from pipelines.index import (
     IndexParams,
     build_index,
     build_shard,
-    build_shard_from_arrays,
     canary,
-    cutover,
-    index_status,
-    load_version,
     new_version_id,
-    rollback,
-    search_shards,
     write_manifest,
 )
-from serving.shards import ShardIndex, layout
+from serving.shards import ShardIndex, layout, pointer
+from serving.shards.kinds import build_shard_from_arrays, load_version, search_shards
+from serving.shards.pointer import cutover, index_status, rollback
 
 MODEL = "attributes/0"
 PARAMS = IndexParams.load()  # the defaults in params.yaml
@@ -270,16 +266,16 @@ def test_cutover_needs_a_passing_canary_and_rollback_is_one_step(tmp_path, tiny_
         rollback(tmp_path)
 
     cutover(tmp_path, v1)
-    assert layout.pointer(tmp_path) == v1 and layout.pointer(tmp_path, "previous") is None
+    assert pointer.read(tmp_path) == v1 and pointer.read(tmp_path, "previous") is None
     with pytest.raises(ValueError, match="already live"):
         cutover(tmp_path, v1)
     cutover(tmp_path, v2)
-    assert (layout.pointer(tmp_path), layout.pointer(tmp_path, "previous")) == (v2, v1)
+    assert (pointer.read(tmp_path), pointer.read(tmp_path, "previous")) == (v2, v1)
     assert (tmp_path / "current").is_symlink()
     assert layout.read_manifest(tmp_path / "current")["index_version"] == v2
 
     assert cli.main(["rollback", "--index-root", str(tmp_path)]) == 0
-    assert layout.pointer(tmp_path) == v1 and layout.pointer(tmp_path, "previous") is None
+    assert pointer.read(tmp_path) == v1 and pointer.read(tmp_path, "previous") is None
     with pytest.raises(ValueError, match="no previous"):
         rollback(tmp_path)
     history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
@@ -298,7 +294,7 @@ def test_end_to_end_cli_embed_build_canary_cutover(tmp_path, tiny_world):
     assert cli.main(["canary", "--index-root", str(root), "--version", "v1", "--world",
                      str(tiny_world), "--expect-model", MODEL]) == 0
     assert cli.main(["cutover", "--index-root", str(root), "--version", "v1"]) == 0
-    _, shards = load_version(root, layout.pointer(root))
+    _, shards = load_version(root, pointer.read(root))
     catalog = pd.read_parquet(tiny_world / "tables/catalog.parquet")
     hits = search_shards(shards, attribute_vectors(catalog.iloc[:1], seed=0), 3)[0]
     assert hits[0][0] == catalog["item_id"].iloc[0]

@@ -249,7 +249,7 @@ def exported_series() -> set[str]:
     """Every series name the API's /metrics can emit (from its metric objects) plus the
     health exporter's gauges."""
     from pipelines import health_export
-    from serving.api.app import Metrics
+    from serving.api.metrics import Metrics
 
     suffixes = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",),
                 "gauge": ("",)}
@@ -260,7 +260,7 @@ def exported_series() -> set[str]:
 
 
 def test_dashboard_queries_only_exported_metrics_and_covers_the_api():
-    from serving.api.app import Metrics
+    from serving.api.metrics import Metrics
 
     dash = json.loads((INFRA / "monitoring" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]

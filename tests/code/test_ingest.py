@@ -16,18 +16,12 @@ import pandas as pd
 import pytest
 
 from pipelines.embed import attribute_vectors
-from pipelines.index import (
-    IndexParams,
-    build_shard_from_arrays,
-    canary,
-    compact,
-    cutover,
-    prune_delta,
-    write_manifest,
-)
+from pipelines.index import IndexParams, canary, compact, prune_delta, write_manifest
 from pipelines.ingest import ChangeFeed, FeedEvent, StreamingIndexer, catalog_changes
 from serving.shards import ShardStore, layout
 from serving.shards.delta import DeltaLog
+from serving.shards.kinds import build_shard_from_arrays
+from serving.shards.pointer import cutover
 
 MODEL = "attributes/0"
 PARAMS = IndexParams.load()

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
+from data_contracts.constants import RANDOMISED_POLICY, RANKER_POLICY
 from pipelines import online_eval
 from pipelines.cli import main
 from pipelines.simulate_traffic import BehaviourWorld, TruthRanker, drive_api, image_rank_fn
@@ -47,12 +48,12 @@ def _frame(rows):
 
 
 def test_interleaving_analysis_counts_team_wins_per_grid():
-    rows = [("g1", "u", "interleaved", "A", "ranker", True, False),  # A wins 1-0
-            ("g1", "u", "interleaved", "B", "ranker", False, False),
-            ("g2", "u", "interleaved", "A", "ranker", True, False),  # tie 1-1
-            ("g2", "u", "interleaved", "B", "ranker", True, False),
-            ("g3", "u", "interleaved", "A", "ranker", False, False),  # tie 0-0
-            ("g4", "u", "interleaved", "B", "ranker", True, True)]  # B wins
+    rows = [("g1", "u", "interleaved", "A", RANKER_POLICY, True, False),  # A wins 1-0
+            ("g1", "u", "interleaved", "B", RANKER_POLICY, False, False),
+            ("g2", "u", "interleaved", "A", RANKER_POLICY, True, False),  # tie 1-1
+            ("g2", "u", "interleaved", "B", RANKER_POLICY, True, False),
+            ("g3", "u", "interleaved", "A", RANKER_POLICY, False, False),  # tie 0-0
+            ("g4", "u", "interleaved", "B", RANKER_POLICY, True, True)]  # B wins
     r = online_eval.interleaving_analysis(_frame(rows))
     assert (r["wins_a"], r["wins_b"], r["ties"], r["grids"]) == (1, 1, 2, 4)
 
@@ -64,8 +65,8 @@ def test_ab_analysis_leaves_out_shuffled_grids_and_flags_the_better_arm():
         arm = "champion" if u % 2 else "challenger"
         for pos in range(20):
             click = rng.random() < (0.15 if arm == "champion" else 0.10)
-            rows.append((f"g{u}", f"u{u}", arm, "", "ranker", click, click and pos == 0))
-    rows += [("gs", "u1", "challenger", "", "shuffle_top20", True, True)] * 20
+            rows.append((f"g{u}", f"u{u}", arm, "", RANKER_POLICY, click, click and pos == 0))
+    rows += [("gs", "u1", "challenger", "", RANDOMISED_POLICY, True, True)] * 20
     r = online_eval.ab_analysis(_frame(rows), "champion", "challenger")
     assert r["arms"]["champion"]["users"] == 200 and r["arms"]["challenger"]["grids"] == 200
     assert r["arms"]["champion"]["ctr"] == pytest.approx(0.15, abs=0.02)

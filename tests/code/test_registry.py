@@ -181,6 +181,56 @@ def test_bad_inputs_fail_before_anything_is_stored(cfg, tmp_path):
         reg.promotion_gate(cfg, "1")
 
 
+def test_rollout_model_spec_resolves_aliases_versions_and_the_promoted_one(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(ValueError, match="no version of 'loupe-embedder' has the alias"):
+        reg.resolve_model("champion", uri)
+    cfg = reg.RegistryConfig(uri)
+    for recall in (0.5, 0.6):
+        model = tmp_path / f"embedder-{recall}.ts"
+        model.write_bytes(b"exported model bytes")
+        run = reg.log_run(cfg, run_name=f"r{recall}", params={}, metrics={reg.HEADLINE: recall},
+                          artifacts={}, model_files=[model])
+        ref = reg.register_model_version(cfg, run, recall, "fp")
+        if recall == 0.5:
+            reg.promotion_gate(cfg, ref)
+    assert reg.resolve_model("champion", uri) == "loupe-embedder/1"
+    assert reg.resolve_model("challenger", uri) == "loupe-embedder/2"
+    assert reg.resolve_model("champion", uri, promoted_version="loupe-embedder/2") == \
+        "loupe-embedder/2"
+    assert reg.resolve_model(" loupe-embedder/1 ", uri) == "loupe-embedder/1"
+    assert reg.resolve_model("attributes/7", uri) == "attributes/7"
+    with pytest.raises(ValueError, match="not registered"):
+        reg.resolve_model("loupe-embedder/9", uri)
+    with pytest.raises(ValueError, match="attributes/<seed>"):
+        reg.resolve_model("attributes/x", uri)
+    with pytest.raises(ValueError, match="must look like"):
+        reg.resolve_model("latest", uri)
+    # the detector Triton serves beside the embedder must be registered too
+    with pytest.raises(ValueError, match="no loupe-detector version is registered"):
+        reg.resolve_detector(None, uri)
+    with pytest.raises(ValueError, match="must be a version of 'loupe-detector'"):
+        reg.resolve_detector("loupe-embedder/1", uri)
+    with pytest.raises(ValueError, match="loupe-detector/3 is not registered"):
+        reg.resolve_detector("loupe-detector/3", uri)
+
+
+def test_registered_files_are_fetched_once_into_the_models_dir(cfg, tmp_path):
+    ref = _evaluated(cfg, tmp_path, 0.33)
+    models = tmp_path / "models"
+    local = reg.fetch_registered(cfg.uri, ref.model_version, models)
+    assert local == models / f"{cfg.model_name}-1"
+    assert (local / "embedder-0.33.onnx").read_bytes() == b"onnx bytes 0.33"
+    assert [p.name for p in models.iterdir()] == [local.name]  # no temp dir left behind
+    # fetched once: a second call reads the local copy, even with the store unreachable
+    assert reg.fetch_registered("sqlite:///absent/elsewhere.db", ref.model_version,
+                                models) == local
+    with pytest.raises(ValueError, match="must look like 'loupe-embedder/3'"):
+        reg.fetch_registered(cfg.uri, "loupe-embedder/latest", models)
+    assert reg.is_attribute_model("attributes/3") and not reg.is_attribute_model(
+        ref.model_version)
+
+
 def test_promote_cli(cfg, tmp_path, capsys):
     args = ["promote", "--tracking-uri", cfg.uri, "--model-name", cfg.model_name,
             "--margin", "0.02"]

@@ -11,15 +11,10 @@ import pandas as pd
 import pytest
 
 from pipelines.embed import attribute_vectors
-from pipelines.index import (
-    IndexParams,
-    build_shard_from_arrays,
-    canary,
-    cutover,
-    rollback,
-    write_manifest,
-)
+from pipelines.index import IndexParams, canary, write_manifest
 from serving.shards import NotReady, ShardIndex, ShardStore, VersionMismatch, layout
+from serving.shards.kinds import build_shard_from_arrays
+from serving.shards.pointer import cutover, rollback
 
 MODEL, OTHER = "attributes/0", "attributes/1"
 PARAMS = IndexParams.load()

@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines import world as world_module
 from pipelines.simulate_traffic import (
     BehaviourWorld,
     StudyConfig,
@@ -15,6 +14,7 @@ from pipelines.simulate_traffic import (
     session_study,
     user_response,
 )
+from pipelines.world.behaviour import TRUTH_COLUMNS, relevance
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +22,16 @@ def world(tiny_world) -> BehaviourWorld:
     return BehaviourWorld.load(tiny_world)
 
 
-def test_relevance_is_the_worlds(world, tiny_world):
+def test_relevance_on_integer_codes_is_the_truths(world, tiny_world):
+    """The simulator's integer-coded truth grades exactly as the world's ids do."""
     catalog = pd.read_parquet(tiny_world / "tables/catalog.parquet")
     products = pd.read_parquet(tiny_world / "truth/products.parquet")
     items = catalog.merge(products[["product_id", "cluster_id"]], on="product_id")
+    columns = list(TRUTH_COLUMNS)
     for target in (0, 17, 40, len(products) - 1):
-        expected = world_module._relevance(products.iloc[target], items)  # the truth's own
+        expected = relevance(products.iloc[target][columns].to_numpy(), items[columns].to_numpy())
         assert np.array_equal(world.relevance(target, np.arange(len(catalog))), expected)
+        assert set(np.unique(expected)) <= {0.95, 0.6, 0.2, 0.06} and (expected == 0.95).any()
 
 
 def test_users_examine_by_position_and_save_after_clicks(world):

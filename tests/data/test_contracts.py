@@ -16,10 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_contracts import schemas
-from data_contracts.contracts import MAX_POSITION, NORM_TOLERANCE, build_suite
+from data_contracts.constants import GRID_SIZE, UNIT_NORM_TOL
+from data_contracts.contracts import build_suite
+from data_contracts.validation import ContractViolation, validate_table
 from pipelines.cli import main
-from pipelines.validate import ContractViolation, validate_table, validate_world
-from pipelines.world import GRID_SIZE, WORLD_END
+from pipelines.validate import validate_world
+from pipelines.world import WORLD_END
 
 NOW = WORLD_END + timedelta(days=30)  # after the rater set (logs end + up to 14 days)
 
@@ -76,10 +78,6 @@ def test_every_table_of_the_tiny_world_passes(tiny_world, tmp_path):
     assert (tmp_path / "docs" / "index.html").is_file()
 
 
-def test_contract_positions_cover_the_world_grid():
-    assert 1 <= GRID_SIZE <= MAX_POSITION
-
-
 def test_good_embeddings_pass_and_stay(tables, tmp_path):
     frame, schema = _embeddings(_read(tables, "catalog"))
     path = _write(frame, tmp_path / "embeddings.parquet", schema)
@@ -97,6 +95,12 @@ def _nulls(t):
 def _negative_position(t):
     f = _read(t, "impressions")
     f.loc[[5], "position"] = -3
+    return "impressions", f, schemas.IMPRESSIONS
+
+
+def _position_past_grid(t):
+    f = _read(t, "impressions")
+    f.loc[[5], "position"] = GRID_SIZE + 1
     return "impressions", f, schemas.IMPRESSIONS
 
 
@@ -162,7 +166,7 @@ def _wrong_dimension(t):
 
 def _non_unit_norm(t):
     f, s = _embeddings(_read(t, "catalog"))
-    f.loc[[0, 1, 2], "vector"] = pd.Series([v * (1 + 10 * NORM_TOLERANCE)
+    f.loc[[0, 1, 2], "vector"] = pd.Series([v * (1 + 10 * UNIT_NORM_TOL)
                                             for v in f.vector[:3]], index=[0, 1, 2])
     return "embeddings", f, s
 
@@ -176,6 +180,8 @@ CORRUPTIONS = {
     "nulls": (_nulls, "expect_column_values_to_not_be_null", "item_id", 2),
     "negative position": (_negative_position, "expect_column_values_to_be_between",
                           "position", 1),
+    "position past the grid": (_position_past_grid, "expect_column_values_to_be_between",
+                               "position", 1),
     "absent position": (_absent_position, "expect_column_values_to_not_be_null", "position", 1),
     "duplicate impression": (_duplicate_impression, "expect_column_values_to_be_unique",
                              "impression_id", 2),

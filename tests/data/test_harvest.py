@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from data_contracts.constants import GRID_SIZE, RANKER_POLICY
+from data_contracts.validation import ContractViolation
 from pipelines.harvest import (
     HarvestConfig,
     _decreasing_isotonic,
@@ -18,7 +20,6 @@ from pipelines.harvest import (
     propensity_mae,
     write_report,
 )
-from pipelines.validate import ContractViolation
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_report_records_estimate_clip_and_counts(harvested, tiny_world, tmp_path
     assert (tmp_path / "propensity.png").stat().st_size > 10_000
     summary = json.loads((harvested.out_dir / "harvest.json").read_text())
     assert summary["clip"] == harvested.config.weight_clip
-    assert len(summary["propensity"]["theta"]) == 20
+    assert len(summary["propensity"]["theta"]) == GRID_SIZE
 
 
 def _copy_world(src: Path, dst: Path) -> Path:
@@ -145,4 +146,4 @@ def test_contract_failure_stops_the_stage_and_keeps_previous_output(harvested, t
 def test_no_randomised_traffic_is_a_clear_error(tiny_world):
     imp = pd.read_parquet(tiny_world / "tables/impressions.parquet")
     with pytest.raises(ValueError, match="randomised"):
-        estimate_propensity(imp[imp.logging_policy == "ranker"], HarvestConfig())
+        estimate_propensity(imp[imp.logging_policy == RANKER_POLICY], HarvestConfig())

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_contracts import schemas
-from pipelines.world import CATEGORIES, GRID_SIZE, SIZES, generate_world, world_id
+from data_contracts.constants import GRID_SIZE, RANDOMISED_POLICY, RANKER_POLICY
+from pipelines.world import CATEGORIES, SIZES, generate_world, world_id
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -27,6 +28,17 @@ def test_same_seed_gives_identical_bytes(tiny_world, tmp_path):
     again = tmp_path / "again"
     generate_world("tiny", 0, again, workers=1)  # other process count, same bytes
     assert _digest(again) == _digest(tiny_world)
+
+
+def test_logged_behaviour_is_unchanged(tiny_world):
+    """The tiny world's logs, pinned: a change to the behaviour model or the logging ranker
+    (pipelines/world/behaviour.py) changes every number trained and reported downstream."""
+    imp = pd.read_parquet(tiny_world / "tables/impressions.parquet")
+    cols = ["impression_id", "item_id", "logging_policy", "ranker_score", "clicked", "saved"]
+    digest = hashlib.sha256(imp[cols].to_csv(index=False).encode()).hexdigest()[:16]
+    assert (int(imp.clicked.sum()), int(imp.saved.sum())) == (1751, 930)
+    assert int((imp.logging_policy == RANDOMISED_POLICY).sum()) == 2280
+    assert digest == "723efed067e47b24"
 
 
 def test_other_seed_differs(tiny_world, tmp_path):
@@ -58,11 +70,11 @@ def test_impressions_follow_logging_policy(tiny_world):
     imp = pd.read_parquet(tiny_world / "tables/impressions.parquet")
     assert imp.groupby("session_id")["position"].apply(sorted).map(
         lambda p: p == list(range(1, GRID_SIZE + 1))).all()
-    shuffled = imp.groupby("session_id")["logging_policy"].first().eq("shuffle_top20").mean()
+    shuffled = imp.groupby("session_id")["logging_policy"].first().eq(RANDOMISED_POLICY).mean()
     assert 0.08 < shuffled < 0.25  # the randomised share the harvester relies on
     # ranker sessions: below the pinned slots, the logged score is monotone in position
     pins = SIZES["tiny"].logging.promoted_slots
-    ranked = imp[imp.logging_policy == "ranker"].sort_values(["session_id", "position"])
+    ranked = imp[imp.logging_policy == RANKER_POLICY].sort_values(["session_id", "position"])
     organic = ranked[ranked.position > pins]
     assert (organic.groupby("session_id")["ranker_score"].diff().dropna() <= 1e-9).all()
     # the pinned slots hold bestsellers from outside the query's style cluster

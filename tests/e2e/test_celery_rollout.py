@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines import orchestration as orch
+from pipelines import monitor as orch
 from pipelines.health_export import METRIC_NAMES, HealthReportCollector
-from pipelines.index import load_version
 from pipelines.orchestration import REPO_ROOT, resolve_config
-from serving.shards import layout
+from serving.shards import layout, pointer
+from serving.shards.kinds import load_version
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MODEL = "attributes/0"
@@ -89,7 +89,7 @@ def test_rollout_on_celery_with_two_workers_builds_shards_in_parallel(tiny_world
 
     # the index on disk is the one the tasks reported: one model, every item once, live
     cfg = resolve_config({"loupe_root": str(root), "world_root": str(tiny_world)}, {}, {})
-    assert layout.pointer(cfg.index, layout.CURRENT) == plan["index_version"]
+    assert pointer.read(cfg.index, layout.CURRENT) == plan["index_version"]
     manifest, indexes = load_version(cfg.index, plan["index_version"], verify=True)
     catalog = pd.read_parquet(tiny_world / "tables" / "catalog.parquet")
     assert manifest["model_version"] == MODEL and manifest["n_shards"] == 2

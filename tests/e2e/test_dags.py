@@ -21,7 +21,7 @@ import yaml
 
 from pipelines.ingest import ChangeFeed, FeedEvent, StreamingIndexer
 from pipelines.orchestration import REPO_ROOT, LoupeConfig, resolve_config, slug
-from serving.shards import layout
+from serving.shards import layout, pointer
 from serving.shards.store import ShardStore
 
 pytestmark = pytest.mark.e2e
@@ -109,7 +109,7 @@ def copy_root(live, tmp_path: Path) -> Path:
 
 
 def pointers(cfg: LoupeConfig) -> tuple[str | None, str | None]:
-    return layout.pointer(cfg.index, layout.CURRENT), layout.pointer(cfg.index, layout.PREVIOUS)
+    return pointer.read(cfg.index, layout.CURRENT), pointer.read(cfg.index, layout.PREVIOUS)
 
 
 # --------------------------------------------------------------------------- retrain
@@ -179,7 +179,7 @@ def test_retrain_harvests_trains_evaluates_registers_and_promotes(dags, tiny_wor
     assert rollout.state == "success", states(rollout)
     canary = xcom(rollout, "canary")
     assert canary["metrics"]["rater_recall"] >= 0.3
-    live = layout.pointer(cfg.index, layout.CURRENT)
+    live = pointer.read(cfg.index, layout.CURRENT)
     manifest = json.loads((layout.version_dir(cfg.index, live) / "manifest.json").read_text())
     assert manifest["model_version"] == "loupe-embedder/1"
     assert xcom(rollout, "export_triton") == {
@@ -314,7 +314,7 @@ def test_second_rollout_with_more_shards_then_rollback(dags, live, tiny_world, t
 
 
 def test_rerunning_rollout_tasks_writes_nothing_twice(live, tiny_world, tmp_path):
-    from pipelines import orchestration as orch
+    from pipelines import rollout
 
     root = copy_root(live, tmp_path)
     plan = {k: v.replace(str(live[0]), str(root)) if isinstance(v, str) else v
@@ -324,11 +324,12 @@ def test_rerunning_rollout_tasks_writes_nothing_twice(live, tiny_world, tmp_path
     stamps = [p.stat().st_mtime_ns for p in files]
     history = (cfg.index / layout.HISTORY).read_text()
 
-    assert orch.embed_partition(cfg, MODEL, plan["embeddings_dir"], 3)["embedded"] == 0
-    meta = orch.build_shard_once(cfg, plan["embeddings_dir"], plan["version_dir"], 1, 2)
+    redo = rollout.embed_partition(cfg, MODEL, plan["treatment"], plan["embeddings_dir"], 3)
+    assert redo["embedded"] == 0
+    meta = rollout.build_shard_once(cfg, plan["embeddings_dir"], plan["version_dir"], 1, 2)
     assert meta["shard_id"] == 1 and meta["model_version"] == MODEL
-    assert orch.finalize_index_once(plan["version_dir"], 2, {})["count"] == 217
-    assert orch.cutover_once(cfg, plan["index_version"])["already_live"] is True
+    assert rollout.finalize_index_once(plan["version_dir"], 2, {})["count"] == 217
+    assert rollout.cutover_once(cfg, plan["index_version"])["already_live"] is True
     assert [p.stat().st_mtime_ns for p in files] == stamps
     assert (cfg.index / layout.HISTORY).read_text() == history
 
@@ -386,9 +387,9 @@ def _search_all(cfg: LoupeConfig, items: list[str]) -> set[str]:
 
 
 def _load_live(cfg: LoupeConfig):
-    from pipelines.index import load_version
+    from serving.shards.kinds import load_version
 
-    return load_version(cfg.index, layout.pointer(cfg.index), verify=False)
+    return load_version(cfg.index, pointer.read(cfg.index), verify=False)
 
 
 def test_ingest_lag_fails_loudly(dags, live, tiny_world, tmp_path):
@@ -497,43 +498,6 @@ def test_config_resolution_order(tmp_path):
         == Path("/mnt/r/airflow/d") / slug("manual__2026-01-01T00:00:00+00:00")
     with pytest.raises(ValueError, match="not database-backed"):
         resolve_config({"mlflow_tracking_uri": "file:///tmp/mlruns"}, {}, env)
-
-
-def test_rollout_model_spec_resolves_aliases_versions_and_the_promoted_one(tmp_path):
-    from pipelines import registry as reg
-    from pipelines.orchestration import resolve_detector, resolve_model
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with pytest.raises(ValueError, match="no version of 'loupe-embedder' has the alias"):
-        resolve_model("champion", uri)
-    cfg = reg.RegistryConfig(uri)
-    for recall in (0.5, 0.6):
-        model = tmp_path / f"embedder-{recall}.ts"
-        model.write_bytes(b"exported model bytes")
-        run = reg.log_run(cfg, run_name=f"r{recall}", params={}, metrics={reg.HEADLINE: recall},
-                          artifacts={}, model_files=[model])
-        ref = reg.register_model_version(cfg, run, recall, "fp")
-        if recall == 0.5:
-            reg.promotion_gate(cfg, ref)
-    assert resolve_model("champion", uri) == "loupe-embedder/1"
-    assert resolve_model("challenger", uri) == "loupe-embedder/2"
-    assert resolve_model("champion", uri, promoted_version="loupe-embedder/2") == \
-        "loupe-embedder/2"
-    assert resolve_model(" loupe-embedder/1 ", uri) == "loupe-embedder/1"
-    assert resolve_model("attributes/7", uri) == "attributes/7"
-    with pytest.raises(ValueError, match="not registered"):
-        resolve_model("loupe-embedder/9", uri)
-    with pytest.raises(ValueError, match="attributes/<seed>"):
-        resolve_model("attributes/x", uri)
-    with pytest.raises(ValueError, match="must look like"):
-        resolve_model("latest", uri)
-    # the detector Triton serves beside the embedder must be registered too
-    with pytest.raises(ValueError, match="no loupe-detector version is registered"):
-        resolve_detector(None, uri)
-    with pytest.raises(ValueError, match="must be a version of 'loupe-detector'"):
-        resolve_detector("loupe-embedder/1", uri)
-    with pytest.raises(ValueError, match="loupe-detector/3 is not registered"):
-        resolve_detector("loupe-detector/3", uri)
 
 
 def test_airflow_run_cli_reports_per_task_times_and_creates_pools(tmp_path):

@@ -24,7 +24,11 @@ def test_dvc_repro_tiny_world(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["world"]["size"] = "tiny"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    # the copied packages, not the editable install of the checkout, and a store of its own:
+    # `evaluate --promote` must not register the tiny world's model in the user's registry
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=str(tmp_path), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db",
+               LOUPE_ROOT=str(tmp_path))
 
     def dvc(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=tmp_path, env=env,
@@ -44,6 +48,14 @@ def test_dvc_repro_tiny_world(tmp_path):
             "train_seconds"} <= set(evaluation)
     assert set(evaluation["recall_at_k"]) == {"1", "5", "10", "50"}
     assert (tmp_path / "reports/eval/eval_report.html").stat().st_size > 10_000
+    # the candidate was registered and promoted in the test's own store
+    from pipelines.registry import CHAMPION, RegistryConfig, version_for_alias
+
+    champion = version_for_alias(RegistryConfig(env["MLFLOW_TRACKING_URI"]), CHAMPION)
+    assert champion is not None and champion.model_version == "loupe-embedder/1"
+    # the train run records its per-epoch curve and the resolved package versions
+    trained = json.loads((tmp_path / "runs/tiny/train_debiased/train.json").read_text())
+    assert trained["curve"] and trained["versions"]["torch"].startswith("2.13.0")
     # nothing changed: a second repro runs no stage
     again = dvc("repro", "evaluate")
     assert again.returncode == 0 and "didn't change" in again.stdout + again.stderr

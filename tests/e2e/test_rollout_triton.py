@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from pipelines.orchestration import REPO_ROOT, LoupeConfig, resolve_config
-from serving.shards import layout
+from serving.shards import layout, pointer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # ~2.5 min, most of it Triton model loads
 ADMIN_TOKEN = "rollout-test-admin-token"
@@ -157,7 +157,7 @@ def test_attached_rollout_switches_model_and_index_together_canary_fail_and_roll
     from airflow.models.variable import Variable
 
     dep, cfg = deployment, deployment.cfg
-    v1 = layout.pointer(cfg.index)
+    v1 = pointer.read(cfg.index)
     attached = {"api_url": dep.stack.url}
     Variable.set("loupe_admin_token", ADMIN_TOKEN)
     try:
@@ -180,7 +180,7 @@ def test_attached_rollout_switches_model_and_index_together_canary_fail_and_roll
         hits = dep.scene_search()
         assert (hits["model_version"], hits["index_version"]) == ("loupe-embedder/2", v2)
         assert len(hits["items"]) == 10 and not hits["partial"]
-        assert (layout.pointer(cfg.index), layout.pointer(cfg.index, layout.PREVIOUS)) == \
+        assert (pointer.read(cfg.index), pointer.read(cfg.index, layout.PREVIOUS)) == \
             (v2, v1)
 
         # 2. a rollout whose canary fails never reaches the API: it stays on version 2

@@ -261,18 +261,18 @@ def test_model_version_switch_and_rollback_under_traffic(served, tiny_world):
     from models.export import export_embedder
     from pipelines.index import IndexParams
     from pipelines.serve import index_for_model
-    from serving.shards import layout
+    from serving.shards import pointer
     from serving.triton.repository import add_version
 
     model_v2 = "loupe-embedder/2"
     export_embedder(frozen_baseline(EmbedderSpec(seed=1)).eval(), served.base / "embedder_v2")
     add_version(served.paths.triton_repo, model_v2, served.base / "embedder_v2",
                 served.detector_dir, served.detector_version)
-    v1 = layout.pointer(served.paths.index_root)
+    v1 = pointer.read(served.paths.index_root)
     # build + canary the v2 index next to the live one, without moving the pointer
     staging = type(served.paths)(served.base / "staging")
     v2 = index_for_model(tiny_world, staging, model_v2, served.base / "embedder_v2",
-                         served.detector_dir, IndexParams.load())
+                         served.detector_dir, served.detector_version, IndexParams.load())
     (served.paths.index_root / "versions" / v2).symlink_to(
         staging.index_root / "versions" / v2, target_is_directory=True)
     (served.paths.index_root / "verdicts" / f"{v2}.json").symlink_to(
@@ -311,7 +311,7 @@ def test_model_version_switch_and_rollback_under_traffic(served, tiny_world):
 
     # a switch whose pointer move landed but whose reply never came (replicas slow to swap):
     # retrying it finishes the switch instead of answering "already live"
-    from pipelines.index import cutover
+    from serving.shards.pointer import cutover
 
     cutover(served.paths.index_root, v2)
     assert httpx.get(f"{served.stack.url}/readyz").json()["index_version"] == v1

@@ -31,15 +31,10 @@ import pandas as pd
 import pytest
 
 from pipelines.embed import attribute_vectors
-from pipelines.index import (
-    IndexParams,
-    build_shard_from_arrays,
-    canary,
-    cutover,
-    rollback,
-    write_manifest,
-)
-from serving.shards import layout
+from pipelines.index import IndexParams, canary, write_manifest
+from serving.shards import layout, pointer
+from serving.shards.kinds import build_shard_from_arrays
+from serving.shards.pointer import cutover, rollback
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 PARAMS = IndexParams.load()
@@ -49,9 +44,10 @@ _ZYGOTE = r"""
 import builtins, json, os, signal, sys
 import numpy as np, pandas as pd
 from pipelines.embed import attribute_vectors
-from pipelines.index import (IndexParams, build_shard_from_arrays, canary, cutover,
-                             new_version_id, rollback, write_manifest)
-from serving.shards import layout
+from pipelines.index import IndexParams, canary, new_version_id, write_manifest
+from serving.shards.kinds import build_shard_from_arrays
+from serving.shards.pointer import cutover, rollback
+from serving.shards import layout, pointer
 
 world, phases = sys.argv[1], sys.argv[2]
 params = IndexParams.load()
@@ -68,7 +64,7 @@ def phase(name):
 
 def moves(root, rng, a, b):
     while True:
-        cur, prev = layout.pointer(root), layout.pointer(root, layout.PREVIOUS)
+        cur, prev = pointer.read(root), pointer.read(root, layout.PREVIOUS)
         if prev is not None and rng.random() < 0.5:
             phase("rollback")
             rollback(root)
@@ -187,8 +183,8 @@ def _finished(root: Path, version: str) -> list[str]:
 
 
 def _inconsistencies(root: Path) -> list[str]:
-    current = layout.pointer(root)
-    previous = layout.pointer(root, layout.PREVIOUS)
+    current = pointer.read(root)
+    previous = pointer.read(root, layout.PREVIOUS)
     if current is None:
         return ["nothing is live"]
     problems = [f"current {current}: {p}" for p in _finished(root, current)]
@@ -203,7 +199,7 @@ def _history_replays(root: Path) -> bool:
     """Every move is logged once, in order: each entry starts where the last one ended and
     the last one ends at `current`."""
     entries = [json.loads(line) for line in (root / layout.HISTORY).read_text().splitlines()]
-    return bool(entries) and entries[-1]["to"] == layout.pointer(root) and all(
+    return bool(entries) and entries[-1]["to"] == pointer.read(root) and all(
         e["from"] == before["to"] for before, e in pairwise(entries))
 
 
@@ -231,7 +227,7 @@ def index_root(tmp_path, tiny_world) -> tuple[Path, tuple[str, str, str]]:
 
 
 def _state(root: Path) -> tuple[str | None, str | None]:
-    return layout.pointer(root), layout.pointer(root, layout.PREVIOUS)
+    return pointer.read(root), pointer.read(root, layout.PREVIOUS)
 
 
 def test_kill9_cutover_at_random_points_leaves_one_consistent_version(index_root, tiny_world,
@@ -283,11 +279,11 @@ def test_kill9_cutover_at_random_points_leaves_one_consistent_version(index_root
     assert inconsistent == [], inconsistent[:3]
     assert bad_rollbacks == [], bad_rollbacks[:3]
     assert rollbacks_ok >= 10 and len(landed) >= 3  # kills spread over the lifecycle
-    live = layout.pointer(root)  # still fully usable: a cutover and a rollback
+    live = pointer.read(root)  # still fully usable: a cutover and a rollback
     cutover(root, b if live != b else a)
     rollback(root)
-    assert layout.pointer(root) == live and _history_replays(root)
-    assert not list(root.glob(".*.tmp")) and layout.pending_move(root) is None
+    assert pointer.read(root) == live and _history_replays(root)
+    assert not list(root.glob(".*.tmp")) and pointer.pending_move(root) is None
 
 
 def test_kill9_at_every_filesystem_step_of_cutover_and_rollback(index_root, tiny_world,

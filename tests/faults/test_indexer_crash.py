@@ -26,9 +26,11 @@ import pandas as pd
 import pytest
 
 from pipelines.embed import attribute_vectors
-from pipelines.index import IndexParams, build_shard_from_arrays, canary, cutover, write_manifest
+from pipelines.index import IndexParams, canary, write_manifest
 from pipelines.ingest import ChangeFeed, FeedEvent
 from serving.shards import ShardStore, layout
+from serving.shards.kinds import build_shard_from_arrays
+from serving.shards.pointer import cutover
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 MODEL = "attributes/0"

@@ -15,6 +15,7 @@ from models.detector import (
     CenterNetDetector,
     Detections,
     ExportedDetector,
+    PickPolicy,
     encode_targets,
     nms,
     pick_salient,
@@ -143,6 +144,30 @@ def test_salience_on_world_scenes_with_a_dominant_object(tiny_world):
 
 
 # --------------------------------------------------------------------------- targets / decode
+def test_pick_policy_takes_the_first_rule_that_finds_a_box():
+    """category > salient > whole: the salient box of the listing's category, else the most
+    salient box, else the whole photo; the default is the query path's salient > whole."""
+    categories = ["lamp", "sofa"]
+    centre_sofa = [0.3, 0.3, 0.7, 0.7]  # most salient
+    edge_lamp = [0.0, 0.0, 0.2, 0.3]
+    det = _det([centre_sofa, edge_lamp], [0.9, 0.9], [1, 0])
+    policy = PickPolicy.parse("category>salient>whole")
+    assert str(policy) == "category>salient>whole"
+    np.testing.assert_allclose(policy.pick(det, categories, "lamp"), edge_lamp)
+    np.testing.assert_allclose(policy.pick(det, categories, "sofa"), centre_sofa)
+    np.testing.assert_allclose(policy.pick(det, categories, "vase"), centre_sofa)
+    np.testing.assert_allclose(policy.pick(det, categories, None), centre_sofa)
+    none = _det(np.zeros((0, 4)), [], [])
+    assert policy.pick(none, categories, "lamp") == (0.0, 0.0, 1.0, 1.0)
+    default = PickPolicy()
+    assert str(default) == "salient>whole"
+    np.testing.assert_allclose(default.pick(det, categories, "lamp"), centre_sofa)
+    assert PickPolicy.parse("whole").pick(det, categories, "lamp") == (0.0, 0.0, 1.0, 1.0)
+    for bad in ("salient", "biggest>whole", "whole>salient", "salient>salient>whole", ""):
+        with pytest.raises(ValueError, match="pick policy"):
+            PickPolicy.parse(bad)
+
+
 def test_targets_decode_back_to_the_boxes():
     """Ground-truth targets fed through `postprocess` give back the boxes (round trip)."""
     boxes = np.array([[0.1, 0.2, 0.35, 0.6], [0.5, 0.1, 0.9, 0.95]], np.float32)

@@ -327,6 +327,93 @@ def test_evaluate_cli_rejects_bad_arguments_readably(tiny_world, tmp_path, capsy
     params = tmp_path / "params.yaml"
     params.write_text("evaluate:\n  ks: [1, 10]\n  top_k: 3\n")
     assert cli.main([*base, "--params", str(params)]) == 2
-    assert "unknown evaluate params: ['top_k']" in capsys.readouterr().err
+    assert "unknown evaluate params ['top_k']" in capsys.readouterr().err
     params.write_text("evaluate:\n  ks: [1, 10]\n  promotion_margin: 0.05\n")
     assert ev.EvaluateConfig.load(params) == ev.EvaluateConfig(ks=(1, 10), promotion_margin=0.05)
+
+
+# --------------------------------------------------------------------------- run_evaluate
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[str, Path]:
+    """Two real exports: frozen baselines with different projection seeds."""
+    from models.embedder import EmbedderSpec, frozen_baseline
+    from models.export import export_embedder
+
+    base = tmp_path_factory.mktemp("exports")
+    return {name: export_embedder(frozen_baseline(EmbedderSpec(seed=seed)), base / name)
+            for name, seed in (("a", 0), ("b", 1))}
+
+
+def _train_json(path: Path) -> Path:
+    path.write_text('{"train_seconds": 12.5, "best_val_style_recall_at_10": 0.4, '
+                    '"config": {"seed": 0, "lr": 0.0005}, "versions": {"torch": "2.13.0"}, '
+                    '"curve": [{"epoch": 0, "train_loss": 3.1, "val_style_recall_at_10": 0.3},'
+                    ' {"epoch": 1, "train_loss": 2.9, "val_style_recall_at_10": 0.4}]}')
+    return path
+
+
+def test_cli_and_retrain_task_log_runs_of_the_same_shape(tiny_world, truth, exports, tmp_path):
+    """`loupe evaluate` and the retrain DAG's evaluate task both go through run_evaluate: the
+    MLflow runs have the same params and metrics keys (the per-epoch curve included)."""
+    from mlflow import MlflowClient
+
+    from pipelines import cli
+
+    engagement = _engagement_file(tiny_world, truth, tmp_path / "e.parquet")
+    train_json = _train_json(tmp_path / "train.json")
+    cli_uri = f"sqlite:///{tmp_path}/cli.db"
+    assert cli.main(["evaluate", "--world", str(tiny_world), "--model", str(exports["a"]),
+                     "--baseline", f"{ev.NAIVE}={exports['b']}", "--engagement",
+                     str(engagement), "--train-json", str(train_json), "--out",
+                     str(tmp_path / "cli"), "--metrics", str(tmp_path / "cli.json"),
+                     "--tracking-uri", cli_uri, "--promote"]) == 0
+    task_uri = f"sqlite:///{tmp_path}/task.db"
+    done = ev.run_evaluate(ev.EvaluateConfig(), tiny_world, exports["a"],
+                           {ev.NAIVE: exports["b"]}, tmp_path / "task",
+                           engagement=engagement, metrics_path=tmp_path / "task.json",
+                           train_json=train_json, tracking_uri=task_uri, promote=True)
+    runs = []
+    for uri in (cli_uri, task_uri):
+        client = MlflowClient(uri, uri)
+        exp = client.get_experiment_by_name("loupe-embedder")
+        (run,) = client.search_runs([exp.experiment_id])
+        runs.append((client, run))
+    (c1, r1), (c2, r2) = runs
+    assert set(r1.data.params) == set(r2.data.params)
+    assert set(r1.data.metrics) == set(r2.data.metrics)
+    assert r1.data.metrics == pytest.approx(r2.data.metrics)  # same models, same numbers
+    assert r1.data.params["versions.torch"].startswith("2.13.0")
+    assert r1.data.params["train_versions.torch"] == "2.13.0"
+    curve = c1.get_metric_history(r1.info.run_id, "train/val_style_recall_at_10")
+    assert [(m.step, m.value) for m in sorted(curve, key=lambda m: m.step)] == [(0, 0.3),
+                                                                                (1, 0.4)]
+    assert (tmp_path / "cli.json").read_text() == (tmp_path / "task.json").read_text()
+    assert done.published.decision["promoted"]
+
+
+def test_gate_rescores_a_champion_from_another_eval_set(tiny_world, exports, tmp_path):
+    """A champion scored on another world's set is re-evaluated on this one (not refused),
+    so the gate compares numbers from the same set and a new world can replace it."""
+    from pipelines import registry as reg
+
+    cfg = reg.RegistryConfig(f"sqlite:///{tmp_path}/mlflow.db")
+    run = reg.log_run(cfg, run_name="other-world", params={}, metrics={}, artifacts={},
+                      model_files=ev.export_files(exports["b"]))
+    other = reg.register_model_version(cfg, run, 0.99, "fp-of-another-world")
+    assert reg.promotion_gate(cfg, other).promoted  # the first version: champion
+    expected = ev.evaluate_models({ev.CANDIDATE: ev.embed_fn_from_export(exports["b"],
+                                                                        tiny_world)},
+                                  tiny_world, [ev.load_rater_set(tiny_world)]).headline
+    assert expected < 0.99  # its recorded figure does not hold on this world
+    done = ev.run_evaluate(ev.EvaluateConfig(promotion_margin=0.0), tiny_world, exports["a"],
+                           {}, tmp_path / "eval", tracking_uri=cfg.tracking_uri, promote=True)
+    decision = done.published.decision
+    assert decision["champion"] == other.model_version
+    assert decision["champion_recall"] == pytest.approx(expected)
+    assert "re-evaluated on this set" in decision["reason"]
+    assert decision["challenger_recall"] == pytest.approx(done.report.headline)
+    assert decision["challenger_recall"] != pytest.approx(expected)  # two different models
+    assert decision["promoted"] == (decision["challenger_recall"] > expected)
+    champion = reg.version_for_alias(cfg, reg.CHAMPION)
+    assert champion.model_version == (done.published.model_version if decision["promoted"]
+                                      else other.model_version)

@@ -11,7 +11,6 @@ import torch
 
 from models.embedder import load_embedder
 from pipelines.train import FeatureCache, TrainConfig, load_pairs, train
-from pipelines.world import world_id
 
 # the demo's recipe (head on cached pooled features); test_tuned_blocks_train covers the rest
 FAST = dict(backbone="efficientnet-lite0", tuned_blocks=0, tune_conv_head=False, views=2,
@@ -42,31 +41,18 @@ def test_fast_dev_run_exports_a_working_model(tiny_world, tiny_harvest, cache_di
 
 def test_overfits_one_batch(tiny_world, tiny_harvest, cache_dir, tmp_path):
     """On one repeated batch the loss must collapse: the model can learn what it is shown."""
+    import pytorch_lightning as pl
+
     cfg = TrainConfig(**{**FAST, "max_epochs": 30, "patience": 100, "hard_negatives": False,
                          "lr": 3e-3})
     losses = []
-
-    import pytorch_lightning as pl
 
     class Record(pl.Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    from pipelines import train as train_mod
-
-    real_trainer = pl.Trainer
-
-    def trainer_with_recorder(**kw):
-        kw["callbacks"] = [*(kw.get("callbacks") or []), Record()]
-        return real_trainer(**kw)
-
-    train_mod_pl = pytest.MonkeyPatch()
-    train_mod_pl.setattr(pl, "Trainer", trainer_with_recorder)
-    try:
-        train_mod.train(tiny_world, _pairs(tiny_harvest), tmp_path / "run", cfg, cache_dir,
-                        overfit_batches=1)
-    finally:
-        train_mod_pl.undo()
+    train(tiny_world, _pairs(tiny_harvest), tmp_path / "run", cfg, cache_dir,
+          overfit_batches=1, callbacks=(Record(),))
     assert len(losses) == 30
     assert losses[-1] < 0.25 * losses[0], (losses[0], losses[-1])
 
@@ -101,16 +87,15 @@ def test_feature_cache_is_reused_and_keyed_by_the_frozen_trunk(tiny_world, tiny_
 
     table = load_pairs(_pairs(tiny_harvest), tiny_world)
     model = Embedder(EmbedderSpec(tuned_blocks=0, tune_conv_head=False))
-    # the training runs above cached into the world's own directory (paths repeat across worlds)
-    cache = FeatureCache(cache_dir / world_id(tiny_world), model, views=2, seed=0)
-    assert cache.dir.is_dir()
+    cache = FeatureCache(cache_dir, model, views=2, seed=0)  # the runs above filled it
     first = cache.features(tiny_world, table.images)
-    chunks = sorted(cache.dir.glob("chunk_*.npy"))
+    assert cache.computed == 0
     again = cache.features(tiny_world, table.images.iloc[::-1])
-    assert sorted(cache.dir.glob("chunk_*.npy")) == chunks  # nothing recomputed
+    assert cache.computed == 0  # nothing recomputed, whatever the order
     assert np.array_equal(again, first[::-1])
     other = Embedder(EmbedderSpec(tuned_blocks=1))
     assert FeatureCache(cache_dir, other, views=2, seed=0).dir != cache.dir
+    assert FeatureCache(cache_dir, model, views=2, seed=1).dir != cache.dir
     assert first.shape[:2] == (len(table.images), 2)
     # view 0 is the plain serving crop: the cached trunk output matches a fresh forward pass
     from models.embedder import load_inputs
@@ -119,6 +104,102 @@ def test_feature_cache_is_reused_and_keyed_by_the_frozen_trunk(tiny_world, tiny_
     with torch.no_grad():
         fresh = model.eval().frozen_features(plain).numpy()
     assert np.allclose(first[:4, 0], fresh, atol=2e-2)
+
+
+def test_feature_cache_is_keyed_by_photo_content(tiny_world, tiny_harvest, tmp_path):
+    """Replacing one photo recomputes only its entries; rewriting a table or copying the
+    world elsewhere recomputes nothing; a half-written entry is never read."""
+    import shutil
+
+    from models.embedder import Embedder, EmbedderSpec
+
+    images = load_pairs(_pairs(tiny_harvest), tiny_world).images
+    images = images[images["item_id"].notna()].head(12).reset_index(drop=True)
+    world = tmp_path / "world"
+    for path in images["path"]:
+        (world / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_world / path, world / path)
+    shutil.copytree(tiny_world / "tables", world / "tables")
+    cache = FeatureCache(tmp_path / "cache", Embedder(EmbedderSpec()), views=2, seed=0)
+    first = cache.features(world, images)
+    assert cache.computed == len(images)
+    table = world / "tables" / "catalog.parquet"
+    pd.read_parquet(table).to_parquet(table)  # touched: new bytes and mtime, same content
+    cache.features(world, images)
+    assert cache.computed == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(world, moved)
+    assert np.array_equal(cache.features(moved, images), first) and cache.computed == 0
+    swap = images["path"][0]
+    shutil.copy(tiny_world / images["path"][1], world / swap)  # another photo, same name
+    after = cache.features(world, images)
+    assert cache.computed == 1
+    assert np.array_equal(after[0], first[1]) and np.array_equal(after[2:], first[2:])
+    entries = sorted(cache.dir.glob("*/*.npy"))
+    assert len(entries) == len(images) + 1
+    assert not list(cache.dir.glob("*/.*.tmp"))  # every entry was renamed into place whole
+
+
+def test_same_seed_same_weights_cold_or_warm_and_any_thread_count(tiny_world, tiny_harvest,
+                                                                   cache_dir, tmp_path):
+    """Issue 21: a cold cache built by this run with 1 torch thread, and a warm cache built
+    earlier by another pair set in another order, with 2 threads, train identical weights."""
+    from models.embedder import Embedder
+
+    base = {**FAST, "max_epochs": 2, "patience": 100}
+    cold = train(tiny_world, _pairs(tiny_harvest), tmp_path / "cold",
+                 TrainConfig(**base, threads=1), tmp_path / "cold_cache")
+    assert cold.metrics["cache_entries_computed"] == cold.metrics["n_crops"]
+    warm_cache = tmp_path / "warm_cache"
+    naive = load_pairs(tiny_harvest / "pairs_naive.parquet", tiny_world)
+    FeatureCache(warm_cache, Embedder(TrainConfig(**base).spec()), base["views"], 0).features(
+        tiny_world, naive.images.iloc[::-1], threads=2)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the caller's setting must not matter either
+    try:
+        warm = train(tiny_world, _pairs(tiny_harvest), tmp_path / "warm",
+                     TrainConfig(**base, threads=2), warm_cache)
+    finally:
+        torch.set_num_threads(previous)
+    assert warm.metrics["cache_entries_computed"] == 0
+    assert warm.metrics["weights_sha256"] == cold.metrics["weights_sha256"]
+    assert warm.metrics["curve"] == cold.metrics["curve"]
+    assert len(cold.metrics["curve"]) == 2
+    for key in ("final_val_recall_at_10", "final_val_style_recall_at_10",
+                "best_val_style_recall_at_10"):
+        assert warm.metrics[key] == cold.metrics[key], key
+
+
+def test_train_json_records_curves_and_versions(tiny_world, tiny_harvest, cache_dir, tmp_path):
+    res = train(tiny_world, _pairs(tiny_harvest), tmp_path / "run",
+                TrainConfig(**{**FAST, "max_epochs": 2, "patience": 100}), cache_dir)
+    stored = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert stored == json.loads(json.dumps(res.metrics))
+    assert [row["epoch"] for row in stored["curve"]] == [0, 1]
+    for row in stored["curve"]:
+        assert 0.0 <= row["val_style_recall_at_10"] <= 1.0 and row["train_loss"] > 0
+    assert stored["best_val_style_recall_at_10"] == max(
+        row["val_style_recall_at_10"] for row in stored["curve"])
+    assert stored["versions"]["torch"].startswith("2.13.0")
+    assert {"numpy", "pillow", "onnxruntime", "faiss-cpu", "pytorch-lightning", "mlflow",
+            "pandas", "pyarrow"} <= set(stored["versions"])
+
+
+def test_train_config_defaults_are_params_yaml():
+    """The dataclass defaults and params.yaml's train: block agree (one recipe, two spellings
+    would drift), and an unknown key is one clear ValueError naming it."""
+    import dataclasses
+
+    import yaml
+
+    from pipelines.config import DEFAULT_PARAMS
+
+    block = yaml.safe_load(DEFAULT_PARAMS.read_text())["train"]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    assert {k: defaults[k] for k in block} == block
+    assert TrainConfig.load(DEFAULT_PARAMS) == TrainConfig()
+    with pytest.raises(ValueError, match="learning_rate"):
+        TrainConfig.load(None, learning_rate=1.0)
 
 
 def test_bad_pairs_are_refused(tiny_world, tiny_harvest, tmp_path):

@@ -1,0 +1,280 @@
+"""The search service without HTTP in front of it: box choice, version pinning, partial
+answers and refusals, over a real two-shard index served by real shard stores (reached
+in-process); the models are a stand-in, since no Triton runs in a unit test."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import zlib
+from dataclasses import replace
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from models.preprocessing import MAX_IMAGE_BYTES
+from pipelines.embed import attribute_vectors
+from pipelines.index import IndexParams, canary, write_manifest
+from serving.api.app import ApiSettings, ApiState, create_app
+from serving.api.errors import Rejected, Unavailable
+from serving.api.experiments import DEFAULT_CONFIG, ExperimentConfig
+from serving.api.fanout import Fanout, LatencyTracker, ShardTopology
+from serving.api.impressions import ImpressionLog
+from serving.api.metrics import Metrics
+from serving.api.online import RankerBackend, create_online_app
+from serving.api.rerank import RerankConfig, Reranker
+from serving.api.search import SearchQuery, SearchService, Tables
+from serving.api.triton_client import BadModelInput, DetectorOutput, ModelUnavailable
+from serving.shards import ShardStore, layout
+from serving.shards.kinds import build_shard_from_arrays
+from serving.shards.pointer import cutover
+from serving.shards.server import ItemFilter, create_shard_app
+from serving.switch import Live
+
+MODEL = "attributes/0"
+PARAMS = IndexParams.load()
+BOXES = np.array([[0.0, 0.0, 0.2, 0.2], [0.3, 0.3, 0.7, 0.7]], np.float32)  # 2nd is central
+SCORES = np.array([0.9, 0.8], np.float32)
+
+
+def jpeg(size=(64, 48)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (120, 30, 200)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+class StandInModels:
+    """Detects BOXES; embeds any crop as the vector of `target` (so it must come first)."""
+
+    def __init__(self, vectors: dict[str, np.ndarray], target: str, model_version=MODEL):
+        self.vectors, self.target, self.model_version = vectors, target, model_version
+        self.calls: list[tuple] = []
+        self.fail: Exception | None = None
+
+    async def detect(self, image: bytes, version: int) -> DetectorOutput:
+        self.calls.append(("detect", version))
+        if self.fail:
+            raise self.fail
+        return DetectorOutput(BOXES, SCORES, np.array([0, 1]), MODEL)
+
+    async def embed(self, images, boxes, version):
+        self.calls.append(("embed", tuple(float(v) for v in boxes[0]), version))
+        if self.fail:
+            raise self.fail
+        return self.vectors[self.target][None, :], self.model_version
+
+
+@pytest.fixture(scope="module")
+def index(tiny_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("index")
+    catalog = pd.read_parquet(tiny_world / "tables/catalog.parquet")
+    vecs = attribute_vectors(catalog, seed=0)
+    vdir = layout.version_dir(root, "v1")
+    for s in range(PARAMS.n_shards):
+        build_shard_from_arrays(catalog["item_id"].to_numpy(), vecs, MODEL, s, PARAMS, vdir)
+    write_manifest(vdir, PARAMS.n_shards, {"test": True})
+    assert canary(root, "v1", tiny_world, PARAMS.canary).passed
+    cutover(root, "v1")
+    features = catalog[["item_id", "available", "region", "price"]].assign(debiased_ctr=0.1)
+    stores = [ShardStore(root, s, MODEL) for s in range(PARAMS.n_shards)]
+    for store in stores:
+        store.load()
+    return catalog, dict(zip(catalog["item_id"], vecs, strict=True)), features, stores
+
+
+def service(index, target: str | None = None, dead_shards=(), models=None, metrics=None):
+    catalog, vectors, features, stores = index
+    target = target or catalog.loc[catalog["available"], "item_id"].iloc[0]
+    apps = {f"http://shard{s.shard_id}": create_shard_app(s, ItemFilter(features))
+            for s in stores if s.shard_id not in dead_shards}
+    client = httpx.AsyncClient(mounts={host: httpx.ASGITransport(app=app)
+                                       for host, app in apps.items()})
+    topology = ShardTopology({s.shard_id: [f"http://shard{s.shard_id}"] for s in stores})
+    tables = Tables(catalog.set_index("item_id")[["category", "image_path"]].to_dict("index"),
+                    Reranker(features, RerankConfig(w_region=0.0, w_engagement=0.0)))
+    live = Live(MODEL, 1, "v1", datetime.now(UTC), ["top", "bag"])
+    models = models or StandInModels(vectors, target)
+    svc = SearchService(models, Fanout(topology, client, LatencyTracker()), tables,
+                        lambda: live, metrics or Metrics(), deadline_s=2.0)
+    return svc, models, target
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_search_detects_picks_the_salient_box_and_ranks_the_nearest_item_first(index):
+    catalog = index[0]
+    svc, models, target = service(index)
+    res = run(svc.search(SearchQuery(jpeg(), k=5)))
+    assert [c[0] for c in models.calls] == ["detect", "embed"]
+    assert models.calls[1][1] == pytest.approx(tuple(BOXES[1]))  # the central box
+    assert res.box == pytest.approx(BOXES[1].tolist())
+    assert [d.category for d in res.detected] == ["top", "bag"]
+    assert res.items[0].item_id == target and res.items[0].similarity == pytest.approx(1, abs=1e-3)
+    assert len(res.items) == 5 and all(i.score <= res.items[0].score for i in res.items)
+    row = catalog.set_index("item_id").loc[target]
+    assert (res.items[0].category, res.items[0].image_url) == (
+        row["category"], "/world/" + row["image_path"])
+    assert (res.model_version, res.index_version, res.partial) == (MODEL, "v1", False)
+    assert {"detect_ms", "embed_ms", "fanout_ms", "rerank_ms", "total_ms"} == set(res.timings_ms)
+
+
+def test_a_given_box_skips_the_detector_and_box_index_picks_a_detection(index):
+    svc, models, _ = service(index)
+    res = run(svc.search(SearchQuery(jpeg(), box=[0.1, 0.2, 0.5, 0.6], k=3)))
+    assert [c[0] for c in models.calls] == ["embed"] and "detect_ms" not in res.timings_ms
+    assert res.box == [0.1, 0.2, 0.5, 0.6] and res.detected == []
+    res = run(svc.search(SearchQuery(jpeg(), box_index=0, k=3)))
+    assert models.calls[-1][1] == pytest.approx(tuple(BOXES[0]))
+
+
+@pytest.mark.parametrize(("query", "status", "reason"), [
+    (SearchQuery(b""), 422, "empty"),
+    (SearchQuery(b"GIF89a not really"), 422, "decodable"),
+    (SearchQuery(b"\xff" * (MAX_IMAGE_BYTES + 1)), 413, "bytes"),
+    (SearchQuery(jpeg(), k=0), 422, "k must be"),
+    (SearchQuery(jpeg(), k=101), 422, "k must be"),
+    (SearchQuery(jpeg(), box=[0, 0, 1, 1], box_index=0), 422, "either"),
+    (SearchQuery(jpeg(), box=[0.6, 0.1, 0.2, 0.9]), 422, "box must be"),
+    (SearchQuery(jpeg(), box=[float("nan"), 0, 1, 1]), 422, "box must be"),
+    (SearchQuery(jpeg(), box_index=2), 422, "out of range"),
+])
+def test_bad_queries_are_refused_with_a_reason(index, query, status, reason):
+    svc, models, _ = service(index)
+    with pytest.raises(Rejected, match=reason) as err:
+        run(svc.search(query))
+    assert err.value.status == status
+    if query.box_index is None:  # refused before any model ran
+        assert models.calls == []
+
+
+def test_model_failures_map_to_503_and_422(index):
+    svc, models, _ = service(index)
+    models.fail = ModelUnavailable("triton down")
+    with pytest.raises(Unavailable, match="detect unavailable: triton down"):
+        run(svc.search(SearchQuery(jpeg())))
+    models.fail = BadModelInput("truncated")
+    with pytest.raises(Rejected, match="not a decodable image: truncated"):
+        run(svc.search(SearchQuery(jpeg(), box=[0, 0, 1, 1])))
+
+
+def test_an_embedder_of_another_model_is_never_searched(index):
+    catalog, vectors, _, _ = index
+    models = StandInModels(vectors, catalog["item_id"].iloc[0], model_version="attributes/9")
+    svc, _, _ = service(index, models=models)
+    with pytest.raises(Unavailable, match="attributes/9"):
+        run(svc.search(SearchQuery(jpeg(), box=[0, 0, 1, 1])))
+
+
+def test_a_dead_shard_gives_a_partial_answer_and_all_dead_a_503(index):
+    catalog, vectors, _, stores = index
+    svc, _, target = service(index, dead_shards=(1,))
+    res = run(svc.search(SearchQuery(jpeg(), box=[0, 0, 1, 1], k=10)))
+    assert res.partial and res.missing_shards == [1]
+    assert {layout.shard_of(i.item_id, PARAMS.n_shards) for i in res.items} == {0}
+    svc, _, _ = service(index, dead_shards=range(len(stores)))
+    with pytest.raises(Unavailable, match="no shard answered"):
+        run(svc.search(SearchQuery(jpeg(), box=[0, 0, 1, 1])))
+
+
+def test_detect_returns_the_boxes_and_the_default_pick(index):
+    svc, _, _ = service(index)
+    found = run(svc.detect(jpeg()))
+    assert found.default_box == 1 and [d.box for d in found.boxes] == [
+        pytest.approx(b) for b in BOXES.round(4).tolist()]
+    assert found.model_version == MODEL
+
+
+# --------------------------------------------------------------------------- both front doors
+def _bomb_png(side: int) -> bytes:
+    """A valid grey PNG of side x side zeros: small on disk, side**2 bytes once decoded."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + tag + data
+                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+
+    comp = zlib.compressobj(9)
+    row = b"\0" * (side + 1)  # filter byte + pixels
+    body = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body)
+            + chunk(b"IEND", b""))
+
+
+def search_api(index, tmp_path) -> TestClient:
+    """The search API's routes over the real shards, its startup state set by hand (no
+    Triton to start); the client runs no lifespan."""
+    settings = ApiSettings(triton_url="-", triton_repo="-", index_root=str(tmp_path),
+                           shards={}, world_root=str(tmp_path), features_path="-",
+                           admin_token="t0ken")
+    app = create_app(settings)
+    svc, _, _ = service(index, metrics=app.state.metrics)
+    switcher = SimpleNamespace(live=svc.live())  # what /metrics and /readyz read
+    app.state.loupe = ApiState(settings, app.state.metrics, svc, switcher, triton=None)
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def online_front_door(index, tmp_path) -> TestClient:
+    catalog = index[0]
+    cfg = replace(ExperimentConfig.load(DEFAULT_CONFIG), rankers={},
+                  traffic={"champion": 1.0}, randomised_share=0.0)
+    ranker = RankerBackend(lambda img, k: [(i, 1.0) for i in catalog["item_id"][:k]],
+                           MODEL, "v1")
+    return TestClient(create_online_app(cfg, {"champion": ranker},
+                                        ImpressionLog(tmp_path / "log")))
+
+
+def test_both_front_doors_refuse_bombs_and_oversized_images_before_any_work(index, tmp_path):
+    bomb = _bomb_png(20000)
+    assert len(bomb) < 1024 * 1024  # a small file of 400 Mpx
+    cases = {"bomb": (bomb, 413, "pixels"),
+             "too many bytes": (jpeg() + b"\0" * MAX_IMAGE_BYTES, 413, "bytes"),
+             "too many pixels": (jpeg((4097, 4097)), 413, "pixels"),
+             "not an image": (b"%PDF-1.4" * 20, 422, "decodable")}
+    for door, client, form in (("search", search_api(index, tmp_path), {}),
+                               ("online", online_front_door(index, tmp_path), {"user_id": "u"})):
+        for name, (data, status, reason) in cases.items():
+            r = client.post("/v1/search", data=form, files={"image": ("q.jpg", data)})
+            assert (r.status_code, reason in r.json()["detail"]) == (status, True), (door, name)
+        r = client.post("/v1/search", data=form, files={"image": ("q.jpg", jpeg())})
+        assert r.status_code == 200 and r.json()["items"], door
+    assert online_front_door(index, tmp_path / "2").app.state.impression_log.counts()[
+        "requests"] == 0
+
+
+def _requests_counted(text: str) -> dict[tuple[str, str], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "loupe_requests":
+            out |= {(s.labels["endpoint"], s.labels["status"]): s.value for s in family.samples
+                    if s.name == "loupe_requests_total"}
+    return out
+
+
+def test_request_metrics_name_route_templates_count_every_status_and_stay_bounded(
+        index, tmp_path):
+    client = search_api(index, tmp_path)
+    rng = np.random.default_rng(0)
+    for n in range(1000):
+        word = "".join(rng.choice(list("abcdefghij"), 12))
+        path = f"/world/{word}.jpg" if n % 2 else f"/{word}/{n}"
+        assert client.get(path).status_code == 404
+    assert client.post("/v1/search", data={"k": "3"}).status_code == 422  # no image: FastAPI
+    assert client.post("/v1/search", files={"image": ("q.jpg", b"")}).status_code == 422
+    assert client.post("/v1/search", files={"image": ("q.jpg", jpeg())}).status_code == 200
+    assert client.post("/admin/reload").status_code == 401
+    state, client.app.state.loupe = client.app.state.loupe, None  # an unhandled error
+    assert client.post("/v1/search", files={"image": ("q.jpg", jpeg())}).status_code == 500
+    client.app.state.loupe = state
+    counted = _requests_counted(client.get("/metrics").text)
+    assert counted == {("unmatched", "404"): 500.0, ("/world/{path:path}", "404"): 500.0,
+                       ("/v1/search", "422"): 2.0, ("/v1/search", "200"): 1.0,
+                       ("/admin/reload", "401"): 1.0, ("/v1/search", "500"): 1.0}

@@ -1,0 +1,93 @@
+"""One catalog treatment: the rollout's re-embed, `loupe serve`'s index build and streaming
+ingest turn the same photo into the same vector for one model version and detector.
+
+Real exports (the frozen pretrained embedder, the tiny detector trained once per session),
+real index build, canary, cutover, change feed and delta log; the registered versions are
+placed where `pipelines.registry.fetch_registered` keeps its fetched copies.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+MODEL = "loupe-embedder/1"
+DETECTOR = "loupe-detector/1"
+TREATMENT = {"detector_version": DETECTOR, "pick_policy": "salient>whole"}
+PARAMS = Path(__file__).parents[2] / "params.yaml"
+
+
+def test_rollout_serve_and_ingest_give_a_photo_the_same_vector(tiny_world, tiny_detector,
+                                                                tmp_path):
+    from models.embedder import EmbedderSpec, frozen_baseline
+    from models.export import export_embedder
+    from pipelines.embed import embed_fn_from_export, load_embeddings, reembed
+    from pipelines.index import IndexParams
+    from pipelines.ingest import ChangeFeed, FeedEvent, ingest_micro_batch
+    from pipelines.orchestration import LoupeConfig
+    from pipelines.rollout import catalog_embed_fn
+    from pipelines.serve import ServePaths, index_for_model
+    from serving.shards import layout, pointer
+    from serving.shards.delta import DeltaLog
+
+    embedder_dir = export_embedder(frozen_baseline(EmbedderSpec(seed=0)).eval(),
+                                   tmp_path / "embedder")
+    # loupe serve: detect -> pick -> crop -> embed, build, canary, cut over
+    paths = ServePaths(tmp_path / "serve")
+    live = index_for_model(tiny_world, paths, MODEL, embedder_dir, tiny_detector.export_dir,
+                           DETECTOR, IndexParams.load())
+    served = load_embeddings(paths.embeddings(MODEL, DETECTOR))
+    assert served.treatment == TREATMENT
+    manifest = layout.read_manifest(layout.version_dir(paths.index_root, live))
+    assert manifest["treatment"] == TREATMENT
+
+    # the rollout: the plan's treatment, the registered exports as fetched
+    cfg = LoupeConfig(loupe_root=str(tmp_path), params_file=str(PARAMS),
+                      world_root=str(tiny_world), runs_dir=str(tmp_path / "runs"),
+                      index_root=str(paths.index_root),
+                      mlflow_tracking_uri=f"sqlite:///{tmp_path / 'unused.db'}",
+                      change_feed=str(tmp_path / "feed.sqlite"),
+                      triton_repo=str(tmp_path / "triton"))
+    shutil.copytree(embedder_dir, cfg.models_dir / "loupe-embedder-1")
+    shutil.copytree(tiny_detector.export_dir, cfg.models_dir / "loupe-detector-1")
+    rolled_dir = tmp_path / "rollout-embeddings"
+    for partition in range(2):  # one mapped task per partition, as the DAG runs them
+        reembed(tiny_world, MODEL, catalog_embed_fn(cfg, MODEL, TREATMENT), rolled_dir,
+                [partition], 16, n_partitions=2, validate=False, show_progress=False)
+    rolled = load_embeddings(rolled_dir)
+    assert rolled.treatment == TREATMENT
+    np.testing.assert_array_equal(rolled.item_ids, served.item_ids)
+    np.testing.assert_array_equal(rolled.vectors, served.vectors)
+
+    # streaming ingest: re-listed photos on the live index get its treatment
+    catalog = pd.read_parquet(tiny_world / "tables" / "catalog.parquet").sort_values("item_id")
+    relisted = catalog.iloc[::7]
+    feed = ChangeFeed(Path(cfg.change_feed))
+    feed.append([FeedEvent("updated", r.item_id, r.image_path)
+                 for r in relisted.itertuples(index=False)])
+    feed.close()
+    result = ingest_micro_batch(cfg, max_seconds=120)
+    assert (result["upserts"], result["pending_events"]) == (len(relisted), 0)
+    delta = DeltaLog(paths.index_root / layout.DELTA_DB, create=False)
+    try:
+        ingested = {r.item_id: r.vector for r in delta.rows_after(0)}
+    finally:
+        delta.close()
+    row_of = {item: i for i, item in enumerate(served.item_ids)}
+    np.testing.assert_array_equal(np.stack([ingested[i] for i in relisted["item_id"]]),
+                                  served.vectors[[row_of[i] for i in relisted["item_id"]]])
+    assert pointer.read(paths.index_root) == live
+
+    # the treatment matters: where the detector finds the object, the whole-photo vector
+    # (what the rollout and ingest stored before) is another vector
+    photos = relisted["image_path"].tolist()
+    cropped = (catalog_embed_fn(cfg, MODEL, TREATMENT).boxes(photos)
+               != [0.0, 0.0, 1.0, 1.0]).any(axis=1)
+    whole = embed_fn_from_export(embedder_dir, tiny_world)(photos, None)
+    cos = (whole * served.vectors[[row_of[i] for i in relisted["item_id"]]]).sum(axis=1)
+    assert cropped.sum() >= 8  # 13 of the 31 re-listed photos on the tiny world
+    assert cos[cropped].max() < 0.95
+    assert cos[~cropped].min() > 0.9999
