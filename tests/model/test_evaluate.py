@@ -381,7 +381,10 @@ def test_cli_and_retrain_task_log_runs_of_the_same_shape(tiny_world, truth, expo
     (c1, r1), (c2, r2) = runs
     assert set(r1.data.params) == set(r2.data.params)
     assert set(r1.data.metrics) == set(r2.data.metrics)
-    assert r1.data.metrics == pytest.approx(r2.data.metrics)  # same models, same numbers
+    def scores(run):  # same models, same numbers; wall-clock timings differ run to run
+        return {k: v for k, v in run.data.metrics.items() if not k.endswith("_seconds")}
+
+    assert scores(r1) == pytest.approx(scores(r2))
     assert r1.data.params["versions.torch"].startswith("2.13.0")
     assert r1.data.params["train_versions.torch"] == "2.13.0"
     curve = c1.get_metric_history(r1.info.run_id, "train/val_style_recall_at_10")

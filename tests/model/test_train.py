@@ -113,8 +113,9 @@ def test_feature_cache_is_keyed_by_photo_content(tiny_world, tiny_harvest, tmp_p
 
     from models.embedder import Embedder, EmbedderSpec
 
-    images = load_pairs(_pairs(tiny_harvest), tiny_world).images
-    images = images[images["item_id"].notna()].head(12).reset_index(drop=True)
+    listed = load_pairs(_pairs(tiny_harvest), tiny_world).images
+    listed = listed[listed["item_id"].notna()].drop_duplicates("path").reset_index(drop=True)
+    images, stranger = listed.head(12), listed["path"][12]
     world = tmp_path / "world"
     for path in images["path"]:
         (world / path).parent.mkdir(parents=True, exist_ok=True)
@@ -131,10 +132,10 @@ def test_feature_cache_is_keyed_by_photo_content(tiny_world, tiny_harvest, tmp_p
     shutil.copytree(world, moved)
     assert np.array_equal(cache.features(moved, images), first) and cache.computed == 0
     swap = images["path"][0]
-    shutil.copy(tiny_world / images["path"][1], world / swap)  # another photo, same name
+    shutil.copy(tiny_world / stranger, world / swap)  # another photo, same name
     after = cache.features(world, images)
     assert cache.computed == 1
-    assert np.array_equal(after[0], first[1]) and np.array_equal(after[2:], first[2:])
+    assert not np.array_equal(after[0], first[0]) and np.array_equal(after[1:], first[1:])
     entries = sorted(cache.dir.glob("*/*.npy"))
     assert len(entries) == len(images) + 1
     assert not list(cache.dir.glob("*/.*.tmp"))  # every entry was renamed into place whole
