@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from data_contracts.durable import write_text_atomic  # noqa: E402
 from pipelines import evaluate as ev  # noqa: E402
+from pipelines.embed import embed_fn_from_export  # noqa: E402
 from pipelines.train import FeatureCache, TrainConfig, train  # noqa: E402
 from pipelines.versions import resolved_versions  # noqa: E402
 
@@ -140,7 +141,7 @@ def run(world: Path, harvest: Path, seeds: list[int], work: Path, params: Path) 
             curves[variant] = [{**row, **rater_rows.get(row["epoch"], {})}
                                for row in trained["curve"]]
         report = ev.evaluate_models(
-            {label: ev.embed_fn_from_export(exports[label], world) for label in VARIANTS},
+            {label: embed_fn_from_export(exports[label], world) for label in VARIANTS},
             world, [rater], candidate="debiased")
         q = {v: report.models[v].sets[ev.RATER_SET].query_recall[10] for v in VARIANTS}
         pins = {v: style.colour_confusion(report.models[v].sets[ev.RATER_SET].top_items)

@@ -1,7 +1,7 @@
 """Re-embed throughput on real images: the rollout's re-embed stage (`pipelines.embed.reembed`:
 decode, shared preprocessing, onnxruntime, contract-checked parquet parts + checkpoints)
 over the tiny world's catalog photos through the exported frozen-baseline embedder, the way
-a registered model re-embeds the catalog (`pipelines.evaluate.embed_fn_from_export`).
+a registered model re-embeds the catalog (`pipelines.embed.embed_fn_from_export`).
 
     .venv/bin/python bench/reembed.py [--work /tmp/loupe-bench-serve] [--reps 3]
 
@@ -25,8 +25,7 @@ sys.path.insert(0, str(REPO))
 
 def run(work: Path, reps: int = 3, threads: int = 2) -> dict:
     from models.export import ExportedEmbedder
-    from pipelines.embed import EmbedParams, reembed
-    from pipelines.evaluate import embed_fn_from_model
+    from pipelines.embed import EmbedParams, embed_fn_from_model, reembed
     from pipelines.train import export_baseline
     from pipelines.world import generate_world
 

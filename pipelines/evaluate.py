@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw
 
 from data_contracts.constants import UNIT_NORM_TOL
 from data_contracts.durable import write_json_atomic, write_text_atomic
+from pipelines.embed import embed_fn_from_export
 
 KS: tuple[int, ...] = (1, 5, 10, 50)
 REPORT_TOP = 10  # results shown per query in the HTML report
@@ -562,38 +563,6 @@ def _rater_rescorer(registry_cfg, sets: Sequence[EvalSet], world: Path, batch_si
 
 
 # --------------------------------------------------------------------------- models + CLI
-def embed_fn_from_model(model, root: Path, batch_size: int = 64) -> EmbedFn:
-    """embed_fn over an embedder (torch module or ExportedEmbedder), via the shared preprocessing
-    in `models.embedder.embed_images`; paths are relative to `root`."""
-    from models.embedder import embed_images
-
-    root = Path(root)
-
-    def embed(paths: Sequence[str], boxes: np.ndarray | None) -> np.ndarray:
-        return embed_images(model, root, list(paths), boxes, batch_size=batch_size)
-
-    return embed
-
-
-def embed_fn_from_export(export_dir: Path, root: Path, batch_size: int = 64) -> EmbedFn:
-    """embed_fn over an export directory (models.export: embedder.onnx run by onnxruntime):
-    the artifact that is registered and served is the one measured."""
-    from models.export import ExportedEmbedder
-
-    return embed_fn_from_model(ExportedEmbedder(Path(export_dir)), root, batch_size)
-
-
-def export_files(export_dir: Path) -> list[Path]:
-    """The files of an export directory, as logged and registered."""
-    from models.export import EXPORT_FILES
-
-    files = [Path(export_dir) / name for name in EXPORT_FILES]
-    missing = [f for f in files if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"export incomplete: {missing[0]} is missing")
-    return files
-
-
 @dataclass(frozen=True)
 class EvaluateConfig:
     """Knobs of the evaluate stage (params.yaml `evaluate:`, all optional)."""
@@ -634,6 +603,7 @@ def run_evaluate(config: EvaluateConfig, world: Path, model: Path,
     the same params and metrics keys whoever calls (eval config, model files, the candidate's
     train config, the resolved package versions, its per-epoch validation curve); a new
     `challenger` version, and the promotion gate when `promote`."""
+    from models.export import export_files
     from pipelines.registry import RegistryConfig
     from pipelines.versions import resolved_versions
 

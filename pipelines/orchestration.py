@@ -18,7 +18,6 @@ other tasks receive the resolved strings, so a run never mixes two configuration
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -290,33 +289,24 @@ def evaluate_and_register(cfg: LoupeConfig, run_dir: Path, models: Sequence[Mapp
     (exact search), one MLflow run with the reports, a new `challenger` version, and the
     promotion gate; returns the version and the gate's decision."""
     from pipelines import evaluate as ev
-    from pipelines.registry import RegistryConfig
 
     by_variant = {m["variant"]: m for m in models}
-    labels = {ev.CANDIDATE: "debiased", ev.FROZEN_BASELINE: "frozen", ev.NAIVE: "naive"}
-    missing = [v for v in labels.values() if v not in by_variant]
+    labels = {ev.FROZEN_BASELINE: "frozen", ev.NAIVE: "naive"}
+    missing = [v for v in ("debiased", *labels.values()) if v not in by_variant]
     if missing:
         raise ValueError(f"evaluation needs the {missing} models")
-    ecfg = ev.EvaluateConfig.load(Path(cfg.params_file))
-    sets = [ev.load_rater_set(cfg.world),
-            ev.load_engagement_set(Path(harvest["harvest_dir"]) / "eval_engagement.parquet")]
-    fns = {label: ev.embed_fn_from_export(Path(by_variant[v]["export_dir"]), cfg.world,
-                                          ecfg.batch_size) for label, v in labels.items()}
-    report = ev.evaluate_models(fns, cfg.world, sets, ev.CANDIDATE, ecfg.ks)
-    train_info = json.loads(Path(by_variant["debiased"]["train_json"]).read_text())
-    params = {f"train.{k}": v for k, v in train_info["config"].items()}
-    candidate_export = Path(by_variant["debiased"]["export_dir"])
-    published = ev.publish(
-        report, sets, cfg.world, Path(run_dir) / "reports" / "eval",
-        RegistryConfig(cfg.mlflow_tracking_uri, promotion_margin=ecfg.promotion_margin),
-        ev.export_files(candidate_export), params, Path(harvest["propensity_png"]),
-        promote=True, n_report_queries=ecfg.report_queries,
-        extra_metrics={"train_seconds": float(train_info["train_seconds"])})
-    metrics = ev.eval_metrics_file(report, train_info["train_seconds"])
-    write_json_atomic(Path(run_dir) / "reports" / "eval.json", metrics)
+    reports = Path(run_dir) / "reports"
+    done = ev.run_evaluate(
+        ev.EvaluateConfig.load(Path(cfg.params_file)), cfg.world,
+        Path(by_variant["debiased"]["export_dir"]),
+        {label: Path(by_variant[v]["export_dir"]) for label, v in labels.items()},
+        reports / "eval", engagement=Path(harvest["harvest_dir"]) / "eval_engagement.parquet",
+        metrics_path=reports / "eval.json", train_json=Path(by_variant["debiased"]["train_json"]),
+        propensity_png=Path(harvest["propensity_png"]), tracking_uri=cfg.mlflow_tracking_uri,
+        promote=True)
+    published = done.published
     return {"model_version": published.model_version, "run_id": published.run_id,
             "promoted": bool(published.decision and published.decision["promoted"]),
-            "decision": published.decision, "eval_json": str(Path(run_dir) / "reports" /
-                                                            "eval.json"),
+            "decision": published.decision, "eval_json": str(reports / "eval.json"),
             "report_html": str(published.paths["html"])}
 

@@ -60,17 +60,18 @@ def _register_frozen(cfg: LoupeConfig, world: Path, seed: int, out: Path) -> str
     """Export the frozen pretrained embedder of `seed`, score it on the rater set and
     register it with that score (what the retrain's evaluate step records)."""
     from models.embedder import EmbedderSpec, frozen_baseline
-    from models.export import export_embedder
+    from models.export import export_embedder, export_files
     from pipelines import evaluate as ev
     from pipelines import registry as reg
+    from pipelines.embed import embed_fn_from_export
 
     export_embedder(frozen_baseline(EmbedderSpec(seed=seed)).eval(), out)
-    report = ev.evaluate_models({ev.CANDIDATE: ev.embed_fn_from_export(out, world)}, world,
+    report = ev.evaluate_models({ev.CANDIDATE: embed_fn_from_export(out, world)}, world,
                                 [ev.load_rater_set(world)])
     rcfg = reg.RegistryConfig(cfg.mlflow_tracking_uri)
     run = reg.log_run(rcfg, run_name=f"frozen-seed{seed}", params={"seed": seed},
                       metrics={reg.HEADLINE: report.headline}, artifacts={},
-                      model_files=ev.export_files(out),
+                      model_files=export_files(out),
                       tags={reg.FINGERPRINT: report.fingerprint})
     return reg.register_model_version(rcfg, run, report.headline,
                                       report.fingerprint).model_version

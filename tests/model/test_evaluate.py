@@ -14,7 +14,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from models.export import export_files
 from pipelines import evaluate as ev
+from pipelines.embed import embed_fn_from_export
 
 
 # --------------------------------------------------------------------------- world truth
@@ -401,10 +403,10 @@ def test_gate_rescores_a_champion_from_another_eval_set(tiny_world, exports, tmp
 
     cfg = reg.RegistryConfig(f"sqlite:///{tmp_path}/mlflow.db")
     run = reg.log_run(cfg, run_name="other-world", params={}, metrics={}, artifacts={},
-                      model_files=ev.export_files(exports["b"]))
+                      model_files=export_files(exports["b"]))
     other = reg.register_model_version(cfg, run, 0.99, "fp-of-another-world")
     assert reg.promotion_gate(cfg, other).promoted  # the first version: champion
-    expected = ev.evaluate_models({ev.CANDIDATE: ev.embed_fn_from_export(exports["b"],
+    expected = ev.evaluate_models({ev.CANDIDATE: embed_fn_from_export(exports["b"],
                                                                         tiny_world)},
                                   tiny_world, [ev.load_rater_set(tiny_world)]).headline
     assert expected < 0.99  # its recorded figure does not hold on this world
