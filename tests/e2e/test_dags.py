@@ -52,6 +52,7 @@ def dags() -> FreshDags:
 
 def run(dags: FreshDags, dag_id: str, root: Path, world: Path, **conf):
     return dags[dag_id].test(run_conf={"loupe_root": str(root), "world_root": str(world),
+                                       "mlflow_tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
                                        **conf})
 
 

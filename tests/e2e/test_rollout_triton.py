@@ -89,7 +89,9 @@ class Deployment:
 
     def run(self, dag_id: str, **conf):
         return _dag(dag_id).test(run_conf={"loupe_root": str(self.root),
-                                           "world_root": str(self.world), **conf})
+                                           "world_root": str(self.world),
+                                           "mlflow_tracking_uri": self.cfg.mlflow_tracking_uri,
+                                           **conf})
 
     def ready(self) -> tuple[str, str]:
         r = httpx.get(f"{self.stack.url}/readyz", timeout=10)
