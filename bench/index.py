@@ -47,11 +47,10 @@ from pipelines.embed import (  # noqa: E402
     load_embeddings,
     reembed,
 )
-from pipelines.index import IndexParams, build_index, canary  # noqa: E402
+from pipelines.index import IndexParams, build_index, publish  # noqa: E402
 from pipelines.ingest import ChangeFeed, FeedEvent, IngestParams, StreamingIndexer  # noqa: E402
 from pipelines.world import SIZES, make_catalog, make_products  # noqa: E402
 from serving.shards import ShardIndex, ShardStore, layout  # noqa: E402
-from serving.shards.pointer import cutover  # noqa: E402
 
 SEED = 0
 MODEL = attribute_model_version(SEED)
@@ -275,11 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     n_items = len(load_embeddings(embeddings).item_ids)
     print(f"embeddings: {n_items} vectors ({embed_s:.1f}s incl. contract checks)", flush=True)
 
-    vdir = build_index(embeddings, root, params, "hnsw")
-    verdict = canary(root, "hnsw", world, params.canary, expected_model_version=MODEL)
-    if not verdict.passed:
-        raise SystemExit(f"canary failed on the benchmark index: {verdict.reasons}")
-    cutover(root, "hnsw")
+    verdict = publish(embeddings, root, world, params, "hnsw", expected_model_version=MODEL)
+    vdir = layout.version_dir(root, "hnsw")
     manifest = layout.read_manifest(vdir)
     queries = query_vectors(world, args.queries)
     shards = []

@@ -83,12 +83,11 @@ def _features(world: Path, out: Path) -> Path:
 def prepare(work: Path, ort_threads: int, instances: int) -> Prepared:
     """Everything the stack needs under `work`; each piece is reused when present."""
     from pipelines.embed import EmbedParams, attribute_embed_fn, reembed
-    from pipelines.index import IndexParams, build_index, canary
+    from pipelines.index import IndexParams, publish
     from pipelines.train import export_baseline
     from pipelines.train_detector import DetectorTrainConfig, train_detector
     from pipelines.world import generate_world
     from serving.shards import pointer
-    from serving.shards.pointer import cutover
     from serving.triton.repository import TritonModelConfig, add_version
 
     work.mkdir(parents=True, exist_ok=True)
@@ -115,12 +114,7 @@ def prepare(work: Path, ort_threads: int, instances: int) -> Prepared:
         reembed(world, MODEL, attribute_embed_fn(world, 0), emb, None, 8192,
                 n_partitions=EmbedParams.load().n_partitions, validate=False,
                 show_progress=False)
-        version = build_index(emb, index_root, params).name
-        verdict = canary(index_root, version, world, params.canary,
-                         expected_model_version=MODEL)
-        if not verdict.passed:
-            raise SystemExit(f"canary failed on the benchmark index: {verdict.reasons}")
-        cutover(index_root, version)
+        publish(emb, index_root, world, params, expected_model_version=MODEL)
     # the served configuration is part of what is measured: always written fresh
     repo = work / "triton_repo"
     shutil.rmtree(repo, ignore_errors=True)

@@ -66,8 +66,8 @@ def loupe_model_rollout():
 
     @task(execution_timeout=timedelta(minutes=5))
     def resolve_model(config: dict, params=None, triggering_asset_events=None) -> str:
-        from pipelines.orchestration import LoupeConfig
         from pipelines.registry import resolve_model
+        from pipelines.run_config import LoupeConfig
 
         events = triggering_asset_events.get(CHAMPION, []) if triggering_asset_events else []
         promoted = events[-1].extra.get("model_version") if events else None
@@ -93,8 +93,8 @@ def loupe_model_rollout():
     @task(execution_timeout=timedelta(hours=3), max_active_tis_per_dagrun=4,
           map_index_template="partition {{ partition }}")
     def embed_partition(config: dict, plan: dict, partition: int) -> dict:
-        from pipelines.orchestration import LoupeConfig
         from pipelines.rollout import embed_partition
+        from pipelines.run_config import LoupeConfig
 
         get_current_context()["partition"] = partition
         return embed_partition(LoupeConfig(**config), plan["model_version"], plan["treatment"],
@@ -103,8 +103,8 @@ def loupe_model_rollout():
     @task(pool=SHARD_BUILD_POOL, execution_timeout=timedelta(hours=2),
           map_index_template="shard {{ shard }}")
     def build_shard(config: dict, plan: dict, shard: int) -> dict:
-        from pipelines.orchestration import LoupeConfig
         from pipelines.rollout import build_shard_once
+        from pipelines.run_config import LoupeConfig
 
         get_current_context()["shard"] = shard
         return build_shard_once(LoupeConfig(**config), plan["embeddings_dir"],
@@ -119,15 +119,15 @@ def loupe_model_rollout():
 
     @task(execution_timeout=timedelta(minutes=15))
     def export_triton(config: dict, plan: dict, params=None) -> dict:
-        from pipelines.orchestration import LoupeConfig
         from pipelines.rollout import export_triton
+        from pipelines.run_config import LoupeConfig
 
         return export_triton(LoupeConfig(**config), plan["model_version"], plan["treatment"])
 
     @task(execution_timeout=timedelta(minutes=30))
     def canary(config: dict, plan: dict) -> dict:
-        from pipelines.orchestration import LoupeConfig
         from pipelines.rollout import run_canary
+        from pipelines.run_config import LoupeConfig
 
         return run_canary(LoupeConfig(**config), plan["index_version"], plan["model_version"])
 
@@ -135,8 +135,8 @@ def loupe_model_rollout():
     def cutover(config: dict, plan: dict, params=None) -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from pipelines.orchestration import LoupeConfig
         from pipelines.rollout import cutover_once
+        from pipelines.run_config import LoupeConfig
 
         if params["dry_run"]:
             raise AirflowSkipException(f"dry run: {plan['index_version']} is built and passed "
@@ -145,8 +145,8 @@ def loupe_model_rollout():
 
     @task(execution_timeout=timedelta(minutes=10))
     def smoke_query(config: dict, plan: dict) -> dict:
-        from pipelines.orchestration import LoupeConfig
         from pipelines.rollout import smoke_query
+        from pipelines.run_config import LoupeConfig
 
         return smoke_query(LoupeConfig(**config), plan["index_version"])
 

@@ -40,36 +40,37 @@ def loupe_monitoring():
 
     @task
     def find_live(config: dict) -> str:
-        from pipelines.orchestration import LoupeConfig, skip_if_nothing_live
+        from pipelines.orchestration import skip_if_nothing_live
         from pipelines.rollout import live_index_version
+        from pipelines.run_config import LoupeConfig
 
         return skip_if_nothing_live(live_index_version, LoupeConfig(**config))
 
     @task
     def replay_canary(config: dict, live: str, params=None) -> dict:
         from pipelines.monitor import replay_canary, thresholds_from
-        from pipelines.orchestration import LoupeConfig
+        from pipelines.run_config import LoupeConfig
 
         return replay_canary(LoupeConfig(**config), live, thresholds_from(params))
 
     @task
     def embedding_drift(config: dict, live: str, params=None) -> dict:
         from pipelines.monitor import embedding_drift, thresholds_from
-        from pipelines.orchestration import LoupeConfig
+        from pipelines.run_config import LoupeConfig
 
         return embedding_drift(LoupeConfig(**config), live, thresholds_from(params))
 
     @task
     def index_age(config: dict, live: str, params=None) -> dict:
         from pipelines.monitor import index_age, thresholds_from
-        from pipelines.orchestration import LoupeConfig
+        from pipelines.run_config import LoupeConfig
 
         return index_age(LoupeConfig(**config), live, thresholds_from(params))
 
     @task
     def shard_latency(config: dict, live: str, params=None) -> dict:
         from pipelines.monitor import shard_latency, thresholds_from
-        from pipelines.orchestration import LoupeConfig
+        from pipelines.run_config import LoupeConfig
 
         return shard_latency(LoupeConfig(**config), live, thresholds_from(params))
 

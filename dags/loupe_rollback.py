@@ -37,15 +37,15 @@ def loupe_rollback():
 
     @task(execution_timeout=timedelta(minutes=5))
     def rollback(config: dict) -> dict:
-        from pipelines.orchestration import LoupeConfig
         from pipelines.rollout import rollback_live
+        from pipelines.run_config import LoupeConfig
 
         return rollback_live(LoupeConfig(**config))
 
     @task(execution_timeout=timedelta(minutes=10))
     def smoke_query(config: dict, moved: dict) -> dict:
-        from pipelines.orchestration import LoupeConfig
         from pipelines.rollout import smoke_query
+        from pipelines.run_config import LoupeConfig
 
         return smoke_query(LoupeConfig(**config), moved["to"])
 

@@ -47,7 +47,8 @@ def loupe_stream_ingest():
     @task(execution_timeout=timedelta(minutes=10))
     def ingest(config: dict, params=None) -> dict:
         from pipelines.ingest import ingest_micro_batch
-        from pipelines.orchestration import LoupeConfig, skip_if_nothing_live
+        from pipelines.orchestration import skip_if_nothing_live
+        from pipelines.run_config import LoupeConfig
 
         return skip_if_nothing_live(ingest_micro_batch, LoupeConfig(**config),
                                     params["max_seconds"])

@@ -36,37 +36,38 @@ def loupe_weekly_compaction():
 
     @task(execution_timeout=timedelta(hours=2))
     def compact(config: dict, dag_run=None) -> dict:
-        from pipelines.orchestration import LoupeConfig, skip_if_nothing_live
+        from pipelines.orchestration import skip_if_nothing_live
         from pipelines.rollout import compact_once
+        from pipelines.run_config import LoupeConfig
 
         return skip_if_nothing_live(compact_once, LoupeConfig(**config), dag_run.run_after)
 
     @task(execution_timeout=timedelta(minutes=30))
     def canary(config: dict, compacted: dict) -> dict:
-        from pipelines.orchestration import LoupeConfig
         from pipelines.rollout import run_canary
+        from pipelines.run_config import LoupeConfig
 
         return run_canary(LoupeConfig(**config), compacted["index_version"],
                           compacted["model_version"])
 
     @task(execution_timeout=timedelta(minutes=5))
     def cutover(config: dict, compacted: dict) -> dict:
-        from pipelines.orchestration import LoupeConfig
         from pipelines.rollout import cutover_once
+        from pipelines.run_config import LoupeConfig
 
         return cutover_once(LoupeConfig(**config), compacted["index_version"])
 
     @task(execution_timeout=timedelta(minutes=10))
     def prune_delta(config: dict) -> dict:
-        from pipelines.orchestration import LoupeConfig
         from pipelines.rollout import prune_delta_rows
+        from pipelines.run_config import LoupeConfig
 
         return prune_delta_rows(LoupeConfig(**config))
 
     @task(execution_timeout=timedelta(minutes=10))
     def smoke_query(config: dict, compacted: dict) -> dict:
-        from pipelines.orchestration import LoupeConfig
         from pipelines.rollout import smoke_query
+        from pipelines.run_config import LoupeConfig
 
         return smoke_query(LoupeConfig(**config), compacted["index_version"])
 

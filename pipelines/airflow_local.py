@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from data_contracts.durable import write_json_atomic
-from pipelines.orchestration import REPO_ROOT
+from pipelines.run_config import REPO_ROOT
 
 DAGS_FOLDER = REPO_ROOT / "dags"
 

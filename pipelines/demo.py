@@ -109,7 +109,7 @@ def _serve(cfg, harvest_dir: Path) -> None:
 
 def run_demo(root: Path, params: Path | None = None, serve: bool = True) -> dict:
     from pipelines.airflow_local import use_airflow_home
-    from pipelines.orchestration import resolve_config
+    from pipelines.run_config import resolve_config
 
     root = Path(root).resolve()
     params = Path(params or root / "params.yaml").resolve()

@@ -248,6 +248,34 @@ def canary(index_root: Path, version: str, world_root: Path, params: CanaryParam
     return verdict
 
 
+class CanaryFailed(ValueError):
+    """A built index version failed its canary: it must not go live (no retry helps)."""
+
+
+def require_canary(index_root: Path, version: str, world_root: Path, params: CanaryParams,
+                   query_embed_fn: EmbedFn | None = None,
+                   expected_model_version: str | None = None) -> pointer.CanaryVerdict:
+    """`canary`, raising CanaryFailed (live traffic untouched) unless the version passed."""
+    verdict = canary(index_root, version, world_root, params, query_embed_fn,
+                     expected_model_version)
+    if not verdict.passed:
+        raise CanaryFailed(f"index version {version} failed its canary, live traffic "
+                           f"untouched: {'; '.join(verdict.reasons)}")
+    return verdict
+
+
+def publish(embeddings_dir: Path, index_root: Path, world_root: Path, params: IndexParams,
+            version: str | None = None, query_embed_fn: EmbedFn | None = None,
+            expected_model_version: str | None = None) -> pointer.CanaryVerdict:
+    """Build -> canary -> cutover in this process: what `loupe serve` and the benches do to
+    an embedding run (the rollout DAG runs the same steps as separate, mapped tasks)."""
+    vdir = build_index(embeddings_dir, index_root, params, version)
+    verdict = require_canary(index_root, vdir.name, world_root, params.canary, query_embed_fn,
+                             expected_model_version)
+    pointer.cutover(index_root, vdir.name)
+    return verdict
+
+
 # --------------------------------------------------------------------------- compaction
 def compact(index_root: Path, params: IndexParams, version: str | None = None) -> Path:
     """A new version = live version + delta (upserts folded in, tombstones dropped), built
@@ -398,12 +426,12 @@ def _canary_cli(args) -> int:
 def _compact_cli(args) -> int:
     params = IndexParams.load(args.params)
     vdir = compact(args.index_root, params)
-    verdict = canary(args.index_root, vdir.name, args.world, params.canary)
-    out = {"index_version": vdir.name, "canary": asdict(verdict)}
-    if not verdict.passed:
-        _print(out)
-        print(f"loupe compact: {vdir.name} failed its canary, not cut over", file=sys.stderr)
+    try:
+        verdict = require_canary(args.index_root, vdir.name, args.world, params.canary)
+    except CanaryFailed as err:
+        print(f"loupe compact: {err}", file=sys.stderr)
         return 1
+    out = {"index_version": vdir.name, "canary": asdict(verdict)}
     if not args.no_cutover:
         out["cutover"] = pointer.cutover(args.index_root, vdir.name)
         out["delta_rows_pruned"] = prune_delta(args.index_root)

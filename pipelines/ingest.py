@@ -36,7 +36,7 @@ from serving.shards.delta import DELETE, UPSERT, DeltaLog
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from pipelines.orchestration import LoupeConfig
+    from pipelines.run_config import LoupeConfig
 
 log = logging.getLogger("loupe.ingest")
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from data_contracts.durable import write_json_atomic
 
 if TYPE_CHECKING:
-    from pipelines.orchestration import LoupeConfig
+    from pipelines.run_config import LoupeConfig
 
 
 class HealthBreach(RuntimeError):

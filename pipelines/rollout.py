@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.monitor import HealthBreach
-from pipelines.orchestration import LoupeConfig, slug
 from pipelines.registry import (
     ATTRIBUTE_MODEL_PREFIX,
     fetch_registered,
@@ -31,13 +30,10 @@ from pipelines.registry import (
     registered_embed_fn,
     resolve_detector,
 )
+from pipelines.run_config import LoupeConfig, slug
 
 ADMIN_TOKEN_VARIABLE = "loupe_admin_token"  # or $LOUPE_ADMIN_TOKEN; never in XCom or logs
 ADMIN_TOKEN_ENV = "LOUPE_ADMIN_TOKEN"
-
-
-class CanaryFailed(ValueError):
-    """A built index version failed its canary: it must not go live (no retry helps)."""
 
 
 class NothingLive(LookupError):
@@ -126,18 +122,16 @@ def finalize_index_once(version_dir: str, n_shards: int, source: Mapping[str, An
 
 
 def run_canary(cfg: LoupeConfig, index_version: str, model_version: str) -> dict:
-    """Probe the built version; a failing verdict raises CanaryFailed (nothing goes live)."""
-    from pipelines.index import IndexParams, canary
+    """Probe the built version; a failing verdict raises pipelines.index.CanaryFailed
+    (nothing goes live)."""
+    from pipelines.index import IndexParams, require_canary
 
     params = IndexParams.load(Path(cfg.params_file))
     # a real embedder also answers the rater queries
     queries = None if is_attribute_model(model_version) else registered_embed_fn(
         cfg.mlflow_tracking_uri, model_version, cfg.models_dir, cfg.world)
-    verdict = canary(cfg.index, index_version, cfg.world, params.canary, queries,
-                     expected_model_version=model_version)
-    if not verdict.passed:
-        raise CanaryFailed(f"index version {index_version} failed its canary, live traffic "
-                           f"untouched: {'; '.join(verdict.reasons)}")
+    verdict = require_canary(cfg.index, index_version, cfg.world, params.canary, queries,
+                             expected_model_version=model_version)
     return {"index_version": index_version, "passed": True, "metrics": verdict.metrics}
 
 
@@ -341,9 +335,10 @@ def smoke_query_shards(cfg: LoupeConfig, index_version: str, probes_per_shard: i
 def smoke_query_api(cfg: LoupeConfig, index_version: str, probes_per_shard: int = 5,
                     k: int = 10) -> dict:
     """The live API must be ready on `index_version` and its model, and the photo of each
-    probe listing (available ones: the API filters sold items out; whole photo, as the
-    catalog is embedded) must come back from that pair, complete, with itself among the
-    results: the full query path, Triton included."""
+    probe listing (available ones: the API filters sold items out; no box, so the API picks
+    the most salient detection, as the catalog treatment's default policy did) must come back
+    from that pair, complete, with itself among the results: the full query path, Triton
+    included."""
     import httpx
     import pandas as pd
 
@@ -368,7 +363,7 @@ def smoke_query_api(cfg: LoupeConfig, index_version: str, probes_per_shard: int 
             image = (cfg.world / photos[item]).read_bytes()
             try:
                 r = client.post("/v1/search", files={"image": ("probe.jpg", image)},
-                                data={"box": "0,0,1,1", "k": str(k)})
+                                data={"k": str(k)})
             except httpx.HTTPError as err:
                 raise ServingUnavailable(f"POST {cfg.api_url}/v1/search: {err!r}") from err
             if r.status_code != 200:

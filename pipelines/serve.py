@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.features import write_item_features
-from pipelines.index import IndexParams, build_index, canary
+from pipelines.index import IndexParams, publish
 from serving.shards import layout, pointer
-from serving.shards.pointer import cutover
 
 log = logging.getLogger("loupe.serve")
 
@@ -69,13 +68,8 @@ def index_for_model(world: Path, paths: ServePaths, model_version: str, embedder
             return current
     emb_dir = paths.embeddings(model_version, detector_version)
     reembed(world, model_version, embed_fn, emb_dir, validate=False, show_progress=False)
-    version = build_index(emb_dir, paths.index_root, params).name
-    verdict = canary(paths.index_root, version, world, params.canary,
-                     expected_model_version=model_version)
-    if not verdict.passed:
-        raise ValueError(f"index {version} failed its canary: {verdict.reasons}")
-    cutover(paths.index_root, version)
-    return version
+    return publish(emb_dir, paths.index_root, world, params,
+                   expected_model_version=model_version).index_version
 
 
 def prepare(world: Path, out: Path, embedder_dir: Path, model_version: str,

@@ -13,14 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.index import CanaryFailed
 from pipelines.monitor import HealthBreach
-from pipelines.orchestration import (
-    CHAMPION_ASSET_URI,
-    CONFIG_ENV,
-    SHARD_BUILD_POOL,
-    alert_on_failure,
-)
-from pipelines.rollout import CanaryFailed, NothingLive
+from pipelines.orchestration import CHAMPION_ASSET_URI, SHARD_BUILD_POOL, alert_on_failure
+from pipelines.rollout import NothingLive
+from pipelines.run_config import CONFIG_ENV
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
 DAG_FILES = {

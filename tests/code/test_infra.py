@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipelines.orchestration import REPO_ROOT
+from pipelines.run_config import REPO_ROOT
 
 INFRA = REPO_ROOT / "infra"
 K8S = INFRA / "k8s"

@@ -31,7 +31,7 @@ from pipelines.monitor import (
     shard_latency,
     thresholds_from,
 )
-from pipelines.orchestration import LoupeConfig, resolve_config
+from pipelines.run_config import LoupeConfig, resolve_config
 from serving.shards import layout, pointer
 from serving.shards.delta import UPSERT, DeltaLog
 from serving.shards.kinds import build_shard_from_arrays

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from airflow.sdk.exceptions import AirflowSkipException
 
-from pipelines.orchestration import LoupeConfig, resolve_config, skip_if_nothing_live
+from pipelines.index import CanaryFailed
+from pipelines.orchestration import skip_if_nothing_live
 from pipelines.rollout import (
-    CanaryFailed,
     NothingLive,
     ServingUnavailable,
     build_shard_once,
@@ -28,6 +28,7 @@ from pipelines.rollout import (
     rollout_local,
     run_canary,
 )
+from pipelines.run_config import LoupeConfig, resolve_config
 from serving.shards import layout, pointer
 
 MODEL = "attributes/0"

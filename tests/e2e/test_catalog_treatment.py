@@ -27,8 +27,8 @@ def test_rollout_serve_and_ingest_give_a_photo_the_same_vector(tiny_world, tiny_
     from pipelines.embed import embed_fn_from_export, load_embeddings, reembed
     from pipelines.index import IndexParams
     from pipelines.ingest import ChangeFeed, FeedEvent, ingest_micro_batch
-    from pipelines.orchestration import LoupeConfig
     from pipelines.rollout import catalog_embed_fn
+    from pipelines.run_config import LoupeConfig
     from pipelines.serve import ServePaths, index_for_model
     from serving.shards import layout, pointer
     from serving.shards.delta import DeltaLog

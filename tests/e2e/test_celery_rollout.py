@@ -23,7 +23,7 @@ import pytest
 
 from pipelines import monitor as orch
 from pipelines.health_export import METRIC_NAMES, HealthReportCollector
-from pipelines.orchestration import REPO_ROOT, resolve_config
+from pipelines.run_config import REPO_ROOT, resolve_config
 from serving.shards import layout, pointer
 from serving.shards.kinds import load_version
 

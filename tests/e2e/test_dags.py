@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from pipelines.ingest import ChangeFeed, FeedEvent, StreamingIndexer
-from pipelines.orchestration import REPO_ROOT, LoupeConfig, resolve_config, slug
+from pipelines.run_config import REPO_ROOT, LoupeConfig, resolve_config, slug
 from serving.shards import layout, pointer
 from serving.shards.store import ShardStore
 

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipelines.health_export import METRIC_NAMES
-from pipelines.orchestration import REPO_ROOT
+from pipelines.run_config import REPO_ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 DASHBOARD = REPO_ROOT / "infra" / "monitoring" / "grafana-dashboard.json"

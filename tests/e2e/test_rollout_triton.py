@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from pipelines.orchestration import REPO_ROOT, LoupeConfig, resolve_config
+from pipelines.run_config import REPO_ROOT, LoupeConfig, resolve_config
 from serving.shards import layout, pointer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # ~2.5 min, most of it Triton model loads

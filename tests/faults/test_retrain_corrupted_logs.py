@@ -44,7 +44,7 @@ def test_corrupted_impression_logs_stop_the_retrain_before_training(tiny_world, 
     from airflow.utils import db
     from mlflow import MlflowClient
 
-    from pipelines.orchestration import REPO_ROOT, resolve_config
+    from pipelines.run_config import REPO_ROOT, resolve_config
 
     db.initdb()
     world = tmp_path / "world"
