@@ -8,7 +8,9 @@ checkout's mlflow.db, mlruns/, runs/ or reports/ changed while it ran.
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +68,23 @@ def _own_tracking_store(tmp_path_factory, monkeypatch):
     """Each test's MLflow runs land in a store of its own."""
     store = tmp_path_factory.mktemp("mlflow")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="session")
+def bomb_png() -> bytes:
+    """A valid grey PNG of 20000 x 20000 zeros, streamed through zlib row by row (the image
+    never exists in memory here): under 1 MB on disk, 400 Mpx once decoded."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + tag + data
+                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+
+    side = 20000
+    comp = zlib.compressobj(9)
+    row = b"\0" * (side + 1)  # filter byte + pixels
+    body = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body)
+            + chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="session")

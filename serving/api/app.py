@@ -43,7 +43,7 @@ from serving.api.errors import ApiError, Rejected, answer_api_error
 from serving.api.fanout import Fanout, LatencyTracker, ShardTopology
 from serving.api.metrics import Metrics, RequestCounter
 from serving.api.rerank import RerankConfig
-from serving.api.search import SearchQuery, SearchService, Tables
+from serving.api.search import DetectResult, SearchQuery, SearchResult, SearchService, Tables
 from serving.api.triton_client import TritonModels
 from serving.switch import Live, Switcher
 
@@ -116,44 +116,7 @@ State = Annotated[ApiState, Depends(_state)]
 LiveNow = Annotated[Live, Depends(_live)]
 
 
-# --------------------------------------------------------------------------- response models
-class DetectionOut(BaseModel):
-    box: list[float]
-    score: float
-    category: str
-
-
-class DetectResponse(BaseModel):
-    boxes: list[DetectionOut]
-    default_box: int | None
-    model_version: str
-    latency_ms: float
-
-
-class ItemOut(BaseModel):
-    item_id: str
-    score: float
-    similarity: float
-    price: float
-    region: str
-    category: str | None
-    image_url: str
-
-
-class SearchResponse(BaseModel):
-    request_id: str
-    model_version: str
-    index_version: str | list[str] = Field(
-        description="a list only while the shard replicas are mid-cutover")
-    box: list[float]
-    detected: list[DetectionOut]
-    partial: bool
-    missing_shards: list[int]
-    hedges_fired: int
-    items: list[ItemOut]
-    timings_ms: dict[str, float]
-
-
+# --------------------------------------------------------------------------- request models
 class SwitchRequest(BaseModel):
     index_version: str = Field(min_length=1)
 
@@ -172,13 +135,13 @@ def _form_box(box: str | None) -> list[float] | None:
                        f"y0 < y1 inside [0, 1]: {box!r}") from err
 
 
-@search_router.post("/v1/detect", response_model=DetectResponse)
+@search_router.post("/v1/detect", response_model=DetectResult)
 async def detect(state: State, image: Annotated[UploadFile, File()]):
     found = await state.service.detect(await image.read())
     return JSONResponse(asdict(found))
 
 
-@search_router.post("/v1/search", response_model=SearchResponse)
+@search_router.post("/v1/search", response_model=SearchResult)
 async def search(state: State, image: Annotated[UploadFile, File()],
                  box: Annotated[str | None, Form()] = None,
                  box_index: Annotated[int | None, Form()] = None,

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import struct
-import zlib
 from dataclasses import replace
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -195,20 +193,6 @@ def test_detect_returns_the_boxes_and_the_default_pick(index):
 
 
 # --------------------------------------------------------------------------- both front doors
-def _bomb_png(side: int) -> bytes:
-    """A valid grey PNG of side x side zeros: small on disk, side**2 bytes once decoded."""
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + tag + data
-                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
-
-    comp = zlib.compressobj(9)
-    row = b"\0" * (side + 1)  # filter byte + pixels
-    body = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body)
-            + chunk(b"IEND", b""))
-
-
 def search_api(index, tmp_path) -> TestClient:
     """The search API's routes over the real shards, its startup state set by hand (no
     Triton to start); the client runs no lifespan."""
@@ -232,8 +216,9 @@ def online_front_door(index, tmp_path) -> TestClient:
                                         ImpressionLog(tmp_path / "log")))
 
 
-def test_both_front_doors_refuse_bombs_and_oversized_images_before_any_work(index, tmp_path):
-    bomb = _bomb_png(20000)
+def test_both_front_doors_refuse_bombs_and_oversized_images_before_any_work(index, tmp_path,
+                                                                            bomb_png):
+    bomb = bomb_png
     assert len(bomb) < 1024 * 1024  # a small file of 400 Mpx
     cases = {"bomb": (bomb, 413, "pixels"),
              "too many bytes": (jpeg() + b"\0" * MAX_IMAGE_BYTES, 413, "bytes"),
