@@ -167,27 +167,36 @@ class ModelVersionRef:
 def register_model_version(cfg: RegistryConfig, run: LoggedRun, recall_at_10: float,
                            fingerprint: str) -> ModelVersionRef:
     """Register the run's `model/` files as a new version and point `challenger` at it."""
-    from mlflow.exceptions import MlflowException
-
     client = _client(cfg)
     names = {a.path for a in client.list_artifacts(run.run_id, MODEL_ARTIFACT_DIR)}
     if not names:
         raise ValueError(f"run {run.run_id} has no exported model files under "
                          f"'{MODEL_ARTIFACT_DIR}/'; nothing to register")
+    ref = create_version(client, cfg.model_name, run.run_id, run.artifact_uri,
+                         {HEADLINE: repr(float(recall_at_10)), FINGERPRINT: fingerprint},
+                         description="Loupe image embedder (256-d, L2-normalised); aliases: "
+                                     "challenger = newest, champion = serving")
+    client.set_registered_model_alias(ref.name, CHALLENGER, ref.version)
+    return ref
+
+
+def create_version(client, name: str, run_id: str, artifact_uri: str, tags: dict[str, str],
+                   description: str) -> ModelVersionRef:
+    """A new version of `name` (created on first use) whose files are the run's `model/`
+    artifacts, its `name/N` string tagged on the version and the run: the one registration
+    scheme of the embedder and the detector, which `download_model` reads back."""
+    from mlflow.exceptions import MlflowException
+
     try:
-        client.create_registered_model(cfg.model_name, description=(
-            "Loupe image embedder (256-d, L2-normalised); aliases: challenger = newest, "
-            "champion = serving"))
+        client.create_registered_model(name, description=description)
     except MlflowException as err:
         if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
-    mv = client.create_model_version(
-        cfg.model_name, source=f"{run.artifact_uri}/{MODEL_ARTIFACT_DIR}", run_id=run.run_id,
-        tags={HEADLINE: repr(float(recall_at_10)), FINGERPRINT: fingerprint})
-    ref = ModelVersionRef(cfg.model_name, str(mv.version))
+    mv = client.create_model_version(name, source=f"{artifact_uri}/{MODEL_ARTIFACT_DIR}",
+                                     run_id=run_id, tags=tags)
+    ref = ModelVersionRef(name, str(mv.version))
     client.set_model_version_tag(ref.name, ref.version, "model_version", ref.model_version)
-    client.set_tag(run.run_id, "model_version", ref.model_version)
-    client.set_registered_model_alias(ref.name, CHALLENGER, ref.version)
+    client.set_tag(run_id, "model_version", ref.model_version)
     return ref
 
 

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
-from data_contracts.durable import atomic_dir
+from data_contracts.durable import atomic_dir, write_bytes_atomic, write_text_atomic
 from models.detector import (
     ONNX_FILE,
     SPEC_FILE,
@@ -619,17 +619,12 @@ def _log_run_outputs(logger, metrics: dict, out_dir: Path) -> None:
 
 def register_detector(run_id: str, tracking_uri: str | None = None,
                       name: str = "loupe-detector"):
-    """Register a run's exported detector as a version of `name`, the embedder's scheme.
-
-    Same scheme as `pipelines.registry.register_model_version`: the version's files are the
-    run's `model/` artifacts and its model_version string is `loupe-detector/N` (tagged on the
-    version and the run), so `registry.download_model` fetches it. Aliases and any promotion
-    gate on mAP are the lead's call and not set here. Returns the ModelVersionRef.
-    """
+    """Register a run's exported detector as a version of `name` (`loupe-detector/N`) by the
+    embedder's scheme (pipelines.registry.create_version), so `download_model` fetches it.
+    Aliases and any promotion gate on mAP are not set here. Returns the ModelVersionRef."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    from pipelines.registry import MODEL_ARTIFACT_DIR, ModelVersionRef, resolve_tracking_uri
+    from pipelines.registry import MODEL_ARTIFACT_DIR, create_version, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -638,33 +633,21 @@ def register_detector(run_id: str, tracking_uri: str | None = None,
     if f"{MODEL_ARTIFACT_DIR}/{ONNX_FILE}" not in files:
         raise ValueError(f"run {run_id} has no {MODEL_ARTIFACT_DIR}/{ONNX_FILE}; "
                          "nothing to register")
-    try:
-        client.create_registered_model(name, description=(
-            "Loupe scene detector (CenterNet on EfficientNet-Lite0, ONNX + decode spec)"))
-    except MlflowException as err:
-        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-            raise
     map50 = run.data.metrics.get("test_map50", float("nan"))
-    mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT_DIR}",
-                                     run_id=run_id, tags={"test_map50": repr(map50)})
-    ref = ModelVersionRef(name, str(mv.version))
-    client.set_model_version_tag(ref.name, ref.version, "model_version", ref.model_version)
-    client.set_tag(run_id, "model_version", ref.model_version)
-    return ref
+    return create_version(client, name, run_id, run.info.artifact_uri,
+                          {"test_map50": repr(map50)},
+                          description="Loupe scene detector (CenterNet on EfficientNet-Lite0, "
+                                      "ONNX + decode spec)")
 
 
 def write_report(result: DetectorTrainResult, reports_dir: Path) -> dict:
     """reports/detector.json (DVC metrics) and reports/detector_predictions.png."""
     reports_dir = Path(reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
-    report = {k: v for k, v in result.metrics.items()}
-    tmp = reports_dir / "detector.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(reports_dir / "detector.json")
-    png = reports_dir / "detector_predictions.png"
-    tmp_png = reports_dir / "detector_predictions.tmp.png"
-    tmp_png.write_bytes((result.out_dir / PREDICTIONS_PNG).read_bytes())
-    tmp_png.replace(png)
+    report = dict(result.metrics)
+    write_text_atomic(reports_dir / "detector.json", json.dumps(report, indent=1) + "\n")
+    write_bytes_atomic(reports_dir / "detector_predictions.png",
+                       (result.out_dir / PREDICTIONS_PNG).read_bytes())
     return report
 
 

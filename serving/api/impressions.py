@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from data_contracts import schemas
 from data_contracts.constants import LOGGING_POLICIES
+from data_contracts.durable import write_bytes_atomic
 from data_contracts.validation import validate_table
 
 DB_NAME = "impressions.sqlite"
@@ -149,22 +150,6 @@ def _check_grid(grid: Grid) -> None:
         raise ValueError(f"grid {grid.request_id} has no query image")
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write-then-rename with fsyncs, so a crash leaves the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class ImpressionLog:
     """Append-only grid and event log under `root` (safe to share between threads)."""
 
@@ -190,7 +175,7 @@ class ImpressionLog:
         rel_path = f"{QUERY_IMAGE_DIR}/{digest}.jpg"
         target = self.root / rel_path
         if not target.exists():
-            _write_durably(target, grid.query_image)
+            write_bytes_atomic(target, grid.query_image)
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -357,7 +342,7 @@ def publish_to_data_root(log: ImpressionLog, data_root: Path,
     kept = history[~history["impression_id"].isin(served["impression_id"])]
     for rel in served["query_image_path"].unique():
         if not (data_root / rel).exists():
-            _write_durably(data_root / rel, (log.root / rel).read_bytes())
+            write_bytes_atomic(data_root / rel, (log.root / rel).read_bytes())
     merged = pd.concat([kept, served], ignore_index=True)
     staged = tables / f".impressions.{os.getpid()}.parquet"
     pq.write_table(pa.Table.from_pandas(merged, schema=schemas.IMPRESSIONS,
