@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -143,9 +144,15 @@ def test_feature_cache_is_keyed_by_photo_content(tiny_world, tiny_harvest, tmp_p
 
 def test_same_seed_same_weights_cold_or_warm_and_any_thread_count(tiny_world, tiny_harvest,
                                                                    cache_dir, tmp_path):
-    """Issue 21: a cold cache built by this run with 1 torch thread, and a warm cache built
-    earlier by another pair set in another order, with 2 threads, train identical weights."""
+    """Issue 21: a cold cache built by this run with 1 torch thread, a warm cache built
+    earlier by another pair set in another order with 2 threads, and the retrain DAG's task
+    body reading the recipe from a params file, all train identical weights."""
+    import yaml
+
     from models.embedder import Embedder
+    from pipelines.config import DEFAULT_PARAMS
+    from pipelines.orchestration import train_embedder
+    from pipelines.run_config import resolve_config
 
     base = {**FAST, "max_epochs": 2, "patience": 100}
     cold = train(tiny_world, _pairs(tiny_harvest), tmp_path / "cold",
@@ -169,6 +176,16 @@ def test_same_seed_same_weights_cold_or_warm_and_any_thread_count(tiny_world, ti
     for key in ("final_val_recall_at_10", "final_val_style_recall_at_10",
                 "best_val_style_recall_at_10"):
         assert warm.metrics[key] == cold.metrics[key], key
+    # the DAG's train task: recipe from params.yaml, cache under the run's runs_dir
+    params = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    params["train"] = {**params["train"], **base, "threads": 2}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cfg = resolve_config({"loupe_root": str(tmp_path), "world_root": str(tiny_world),
+                          "params_file": str(tmp_path / "params.yaml")})
+    dag = train_embedder(cfg, tmp_path / "dag_run", str(tiny_harvest), "debiased")
+    by_dag = json.loads(Path(dag["train_json"]).read_text())
+    assert by_dag["weights_sha256"] == cold.metrics["weights_sha256"]
+    assert by_dag["curve"] == json.loads(json.dumps(cold.metrics["curve"]))
 
 
 def test_train_json_records_curves_and_versions(tiny_world, tiny_harvest, cache_dir, tmp_path):
