@@ -2,8 +2,8 @@
 
 Every stage calls `validate_table` (or pipelines/validate.py's `validate_world`) on its
 inputs before reading them, and the serving side on the impression log it exports. A failing
-file is moved into quarantine (a timestamped folder with the report JSON next to
-it; nothing is deleted), an HTML Data Docs page shows every failed expectation, and
+file is copied into quarantine (a timestamped folder with the report JSON next to it; the
+user's file stays where it is), an HTML Data Docs page shows every failed expectation, and
 `ContractViolation` carries a readable summary, so nothing downstream is written from it.
 """
 
@@ -77,7 +77,7 @@ class ValidationReport:
     expectations: int
     failures: list[ExpectationFailure]
     docs_path: Path | None = None  # the Data Docs page of this validation
-    quarantined_to: Path | None = None  # the moved file, when it failed and was quarantined
+    quarantined_to: Path | None = None  # the copy kept in quarantine, when it failed
     checked_at: str = ""
     now: str = ""  # the reference time timestamps were checked against
     seconds: float = 0.0
@@ -200,11 +200,12 @@ def _read(table: str, path: Path, catalog_path: Path | None) -> pd.DataFrame:
 
 
 def _quarantine(path: Path, table: str, quarantine_dir: Path) -> Path:
-    """Move `path` into a fresh timestamped folder under `quarantine_dir`; return the folder."""
+    """Copy `path` into a fresh timestamped folder under `quarantine_dir`; return the folder.
+    A copy, never a move: the input is the user's own file and stays where they put it."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     folder = Path(quarantine_dir) / f"{stamp}_{table}"
     folder.mkdir(parents=True, exist_ok=False)
-    shutil.move(path, folder / path.name)
+    shutil.copy2(path, folder / path.name)
     return folder
 
 
@@ -213,7 +214,7 @@ def validate_table(table: str, path: Path, *, quarantine_dir: Path | None,
                    now: datetime | None = None) -> ValidationReport:
     """Check one parquet file against `table`'s contract; raise `ContractViolation` if broken.
 
-    On failure the file is moved into `quarantine_dir` (when given) with `report.json` next
+    On failure the file is copied into `quarantine_dir` (when given) with `report.json` next
     to it, and a Data Docs page is written under `docs_dir` (when given). On success the file
     stays where it is. Timestamps may not be later than `now` (default: the current time).
     """

@@ -28,7 +28,7 @@ NOW = WORLD_END + timedelta(days=30)  # after the rater set (logs end + up to 14
 
 @pytest.fixture
 def tables(tiny_world, tmp_path) -> Path:
-    """A private copy of the tiny world's tables: these tests may quarantine (move) files."""
+    """A private copy of the tiny world's tables: these tests corrupt files."""
     out = tmp_path / "world" / "tables"
     shutil.copytree(tiny_world / "tables", out)
     return out
@@ -219,9 +219,11 @@ def test_corruption_is_stopped_and_quarantined(kind, tables, tmp_path):
     else:
         assert failure.unexpected_count == count and failure.examples
     assert f"{expectation}({column})" in str(caught.value)
-    # the bad file moved into a timestamped quarantine folder next to its report; nothing lost
-    assert not path.exists()
+    # a copy of the bad file in a timestamped quarantine folder next to its report; the
+    # user's own file stays where it was, unchanged
+    assert path.is_file() and pq.read_table(path).num_rows == len(frame)
     moved = report.quarantined_to
+    assert moved.read_bytes() == path.read_bytes()
     assert moved.parent.parent == tmp_path / "q" and moved.parent.name.endswith(f"_{table}")
     assert pq.read_table(moved).num_rows == len(frame)
     saved = json.loads((moved.parent / "report.json").read_text())
@@ -269,7 +271,7 @@ def test_cli_passes_and_fails_with_exit_codes(tables, tmp_path, capsys):
                  "--docs", str(tmp_path / "docs"), *now])
     err = capsys.readouterr().err
     assert code == 2 and "expect_column_values_to_be_between(ts)" in err
-    assert "1 row (" in err and "quarantined to" in err and not path.exists()
+    assert "1 row (" in err and "quarantined to" in err and path.is_file()
 
 
 def test_cli_world_reports_every_failing_table(tables, tmp_path, capsys):
@@ -279,6 +281,8 @@ def test_cli_world_reports_every_failing_table(tables, tmp_path, capsys):
                  "--summary", str(summary), "--now", NOW.isoformat()])
     assert code == 2 and "boards contract FAILED" in capsys.readouterr().err
     assert [r["table"] for r in json.loads(summary.read_text())] == ["boards"]
-    assert not (tables / "boards.parquet").exists()
+    # the failing table is copied to quarantine; every table stays in the user's folder
+    assert [p.read_bytes() for p in (tmp_path / "q").rglob("boards.parquet")] == [
+        (tables / "boards.parquet").read_bytes()]
     assert sorted(p.stem for p in tables.iterdir()) == sorted(
-        t for t in schemas.TABLES if t not in ("boards", "embeddings"))
+        t for t in schemas.TABLES if t != "embeddings")

@@ -139,8 +139,8 @@ def test_contract_failure_stops_the_stage_and_keeps_previous_output(harvested, t
     with pytest.raises(ContractViolation, match="position"):
         harvest(world, out, HarvestConfig(), quarantine_dir=tmp_path / "q")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert not (world / "tables/impressions.parquet").exists()  # moved to quarantine
-    assert any((tmp_path / "q").rglob("impressions.parquet"))
+    bad = (world / "tables/impressions.parquet").read_bytes()  # still the user's, as it was
+    assert [p.read_bytes() for p in (tmp_path / "q").rglob("impressions.parquet")] == [bad]
 
 
 def test_no_randomised_traffic_is_a_clear_error(tiny_world):

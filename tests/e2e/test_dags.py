@@ -214,7 +214,8 @@ def test_corrupted_impressions_stop_the_retrain_before_training(dags, tiny_world
     cfg = config(tmp_path, world)
     assert not cfg.run_dir("loupe_monthly_retrain", dr.run_id).joinpath("harvest").exists()
     quarantined = list(cfg.quarantine_dir.glob("*_impressions/impressions.parquet"))
-    assert len(quarantined) == 1 and not impressions.exists()
+    assert len(quarantined) == 1
+    assert quarantined[0].read_bytes() == impressions.read_bytes()  # a copy; the user's stays
     report = json.loads((quarantined[0].parent / "report.json").read_text())
     nulls = [f for f in report["failures"] if f["column"] == "position"
              and f["expectation"] == "expect_column_values_to_not_be_null"]

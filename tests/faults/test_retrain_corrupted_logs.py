@@ -64,6 +64,7 @@ def test_corrupted_impression_logs_stop_the_retrain_before_training(tiny_world, 
             impressions.write_bytes(corrupt)
         else:
             pq.write_table(corrupt, impressions)
+        corrupted = impressions.read_bytes()
         dag = DagBag(str(REPO_ROOT / "dags" / "loupe_monthly_retrain.py")).dags[
             "loupe_monthly_retrain"]
         dr = dag.test(run_conf=conf)
@@ -78,7 +79,10 @@ def test_corrupted_impression_logs_stop_the_retrain_before_training(tiny_world, 
             stopped.append(name)
         if (run_dir / "harvest").exists() or (run_dir / "models").exists():
             leaked.append(name)
-        moved = not impressions.exists()  # quarantined with its report
+        # a copy quarantined with its report; the user's file untouched
+        copies = list(cfg.quarantine_dir.glob("*_impressions/impressions.parquet"))
+        moved = (impressions.read_bytes() == corrupted
+                 and any(c.read_bytes() == corrupted for c in copies))
         quarantined += moved
         impressions.write_bytes(original)
         print(f"  {name}: run {dr.state}, validate_logs {state['validate_logs']}, "
