@@ -9,6 +9,8 @@ from __future__ import annotations
 # Result-grid length the demo world logs and the online front door serves. Real logs may use
 # other grid lengths: the harvester takes the grid from the data, this is only the default.
 GRID_SIZE = 20
+# Deepest position an impression log may record: a sanity bound on real logs, not a grid size.
+MAX_LOGGED_POSITION = 500
 
 # Values of impressions.logging_policy (must match the world generator's logging ranker and
 # the harvester's propensity estimator).

@@ -37,7 +37,7 @@ from great_expectations.expectations import (
 from great_expectations.expectations.expectation import Expectation
 
 from data_contracts import schemas
-from data_contracts.constants import GRID_SIZE, LOGGING_POLICIES, UNIT_NORM_TOL
+from data_contracts.constants import LOGGING_POLICIES, MAX_LOGGED_POSITION, UNIT_NORM_TOL
 
 NOW = "now"  # suite parameter: timestamps may not be later than this reference time
 GRADES = (0, 1, 2)  # docs/rater_guidelines.md: not similar, similar style, same product
@@ -121,7 +121,8 @@ def _table_expectations(table: str) -> list[Expectation]:
         return [
             _unique("impression_id"), _unique("session_id", "position"),
             _unique("session_id", "item_id"),
-            ExpectColumnValuesToBeBetween(column="position", min_value=1, max_value=GRID_SIZE),
+            ExpectColumnValuesToBeBetween(column="position", min_value=1,
+                                          max_value=MAX_LOGGED_POSITION),
             ExpectColumnValuesToBeInSet(column="logging_policy", value_set=list(LOGGING_POLICIES)),
             _not_future("ts"), _non_empty("query_image_path"),
             *_box("query_x0", "query_y0", "query_x1", "query_y1"), *_known_items(),

@@ -22,6 +22,7 @@ the difference is the position correction alone.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ import pandas as pd
 
 from data_contracts.constants import GRID_SIZE, RANDOMISED_POLICY
 from data_contracts.durable import atomic_dir, write_text_atomic
+
+log = logging.getLogger("loupe.harvest")
 
 PAIR_COLUMNS = [
     "query_image_path", "query_x0", "query_y0", "query_x1", "query_y1",
@@ -43,7 +46,9 @@ SOURCES = ("click", "save", "cosave", "same_product")
 class HarvestConfig:
     """Knobs of the harvest stage (params.yaml `harvest:`)."""
 
-    max_position: int = GRID_SIZE  # longest logged grid the estimate covers
+    max_position: int = GRID_SIZE  # deepest position weighted; shorter logged grids: theirs
+    min_randomised_sessions: int = 100  # tiny world: 114 give MAE 0.1 over 20 positions
+    min_position_sessions: int = 50  # a position is estimated only if this many showed it
     weight_clip: float = 10.0  # cap on 1/theta so a few deep clicks cannot dominate
     save_boost: float = 2.0  # a save is a stronger signal than a click
     cosave_weight: float = 1.0
@@ -65,10 +70,19 @@ class PropensityEstimate:
     ci_low: list[float]
     ci_high: list[float]
     n_sessions: int
-    method: str = f"result randomisation (RandTop-{GRID_SIZE}) + decreasing isotonic fit"
+    method: str = "result randomisation (RandTop-n) + decreasing isotonic fit"
+
+    @property
+    def depth(self) -> int:
+        """Deepest position the estimate covers (the logged grid length, capped)."""
+        return len(self.theta)
 
     def lookup(self, positions: np.ndarray) -> np.ndarray:
-        return np.asarray(self.theta)[np.asarray(positions) - 1]
+        positions = np.asarray(positions)
+        if len(positions) and (positions.min() < 1 or positions.max() > self.depth):
+            raise ValueError(f"positions {positions.min()}..{positions.max()} outside the "
+                             f"estimated 1..{self.depth}")
+        return np.asarray(self.theta)[positions - 1]
 
 
 @dataclass
@@ -95,37 +109,62 @@ def _decreasing_isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def _ctr_ratio(clicks: np.ndarray) -> np.ndarray:
-    """clicks: sessions x positions (0/1); returns CTR_k / CTR_1."""
-    ctr = clicks.mean(axis=0)
-    if ctr[0] <= 0:
+    """clicks: sessions x positions (0/1, NaN where a session's grid was shorter); returns
+    CTR_k / CTR_1, each CTR over the sessions that showed position k."""
+    with np.errstate(invalid="ignore"):
+        ctr = np.nanmean(clicks, axis=0)
+    if not ctr[0] > 0:
         raise ValueError("no clicks at position 1 in randomised sessions: cannot anchor theta")
     return ctr / ctr[0]
 
 
+def _resampled_ratio(clicks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """CTR_k / CTR_1 of one bootstrap resample of sessions (NaN where it is undefined)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ctr = np.nanmean(clicks[rng.integers(0, len(clicks), len(clicks))], axis=0)
+        return ctr / ctr[0] if ctr[0] > 0 else np.full_like(ctr, np.nan)
+
+
 def estimate_propensity(impressions: pd.DataFrame, cfg: HarvestConfig) -> PropensityEstimate:
-    """Examination propensity per position from the randomised sessions alone."""
+    """Examination propensity per position from the randomised sessions alone.
+
+    Each position's click rate is taken over the randomised sessions whose grid reached it,
+    so grids of any length count; the estimate covers positions 1..n where n is the deepest
+    position at least `min_position_sessions` sessions showed (capped by `max_position`).
+    Too little randomised traffic is an error that says how much is needed, never NaN."""
     rand = impressions[(impressions["logging_policy"] == RANDOMISED_POLICY)
                        & (impressions["position"] <= cfg.max_position)]
-    if rand.empty:
+    n_sessions = rand["session_id"].nunique()
+    if n_sessions < cfg.min_randomised_sessions:
         raise ValueError(
-            f"no '{RANDOMISED_POLICY}' sessions in the impressions: the propensity estimate "
-            "needs the randomised share of traffic")
+            f"{n_sessions} randomised sessions (logging_policy '{RANDOMISED_POLICY}') in the "
+            f"impressions; the propensity estimate needs at least "
+            f"{cfg.min_randomised_sessions} (harvest.min_randomised_sessions): log a share of "
+            "traffic with the results shuffled for longer (docs/bring_your_own_data.md)")
     grid = rand.pivot_table(index="session_id", columns="position", values="clicked",
-                            aggfunc="max").reindex(columns=range(1, cfg.max_position + 1))
-    grid = grid.dropna()  # sessions with the full grid only
-    clicks = grid.to_numpy(dtype=np.float64)
+                            aggfunc="max")
+    shown = grid.notna().sum(axis=0)
+    deep = shown.index[shown >= cfg.min_position_sessions]
+    depth = int(min(deep.max(), cfg.max_position)) if len(deep) else 0
+    if depth < 2:
+        raise ValueError(
+            f"randomised grids are too short or too few to estimate a position effect: no "
+            f"position beyond 1 was shown in {cfg.min_position_sessions} randomised sessions "
+            "(harvest.min_position_sessions)")
+    clicks = grid.reindex(columns=range(1, depth + 1)).to_numpy(dtype=np.float64)
     raw = _ctr_ratio(clicks)
-    n_at = np.full(cfg.max_position, clicks.shape[0], dtype=np.float64)
+    n_at = shown.reindex(range(1, depth + 1)).fillna(0).to_numpy(dtype=np.float64)
+    if (n_at == 0).any():
+        gaps = [k + 1 for k in np.flatnonzero(n_at == 0)]
+        raise ValueError(f"randomised grids skip positions {gaps}: positions must run 1..n")
     theta = np.clip(_decreasing_isotonic(raw, n_at * np.maximum(raw, 1e-3)), 1e-3, 1.0)
     theta[0] = 1.0
     rng = np.random.default_rng(cfg.seed)
-    boots = np.stack([
-        _ctr_ratio(clicks[rng.integers(0, len(clicks), len(clicks))])
-        for _ in range(cfg.bootstrap)
-    ])
-    lo, hi = np.nanpercentile(boots, [2.5, 97.5], axis=0)
+    boots = np.stack([_resampled_ratio(clicks, rng) for _ in range(cfg.bootstrap)])
+    with np.errstate(invalid="ignore"):
+        lo, hi = np.nanpercentile(boots, [2.5, 97.5], axis=0)
     return PropensityEstimate(
-        position=list(range(1, cfg.max_position + 1)),
+        position=list(range(1, depth + 1)),
         theta=theta.round(6).tolist(), theta_raw=raw.round(6).tolist(),
         ci_low=lo.round(6).tolist(), ci_high=hi.round(6).tolist(), n_sessions=len(clicks),
     )
@@ -149,9 +188,20 @@ def assign_product_splits(catalog: pd.DataFrame, judgments: pd.DataFrame,
     return pd.Series(split, index=products.to_numpy(), name="split")
 
 
+SESSION_FATES = {  # why a session ended on its side (harvest.json `sessions_by_fate`)
+    "eval": "logged after the cutoff: engagement evaluation only",
+    "engaged_heldout": "dropped: engaged a held-out (rater-judged) product",
+    "shown_heldout": "dropped: its grid was mostly held-out products (leak guard)",
+    "train": "trains",
+    "val": "validates (engaged validation products only)",
+    "no_engagement": "dropped: engaged nothing it could learn from",
+}
+
+
 def _session_sides(impressions: pd.DataFrame, item_split: pd.Series, cutoff: pd.Timestamp,
-                   heldout_shown_share: float) -> pd.Series:
-    """Side of each logged session: train, val, eval (after cutoff) or drop.
+                   heldout_shown_share: float) -> tuple[pd.Series, pd.Series]:
+    """Side of each logged session (train, val, eval after the cutoff, or drop) and its
+    fate, the reason (SESSION_FATES).
 
     A query photo shows some product we cannot see; the results it was shown are our best
     proxy. A session that engaged a held-out (test) product, or was shown a grid where
@@ -164,14 +214,17 @@ def _session_sides(impressions: pd.DataFrame, item_split: pd.Series, cutoff: pd.
     engaged = imp["clicked"] | imp["saved"]
     per = imp.groupby("session_id").agg(ts=("ts", "first"))
     is_test = imp["item_split"].eq("test")
-    per["heldout"] = ((is_test.groupby(imp["session_id"]).mean() >= heldout_shown_share)
-                      | (engaged & is_test).groupby(imp["session_id"]).any())
+    per["engaged_heldout"] = (engaged & is_test).groupby(imp["session_id"]).any()
+    per["shown_heldout"] = is_test.groupby(imp["session_id"]).mean() >= heldout_shown_share
     per["train"] = (engaged & imp["item_split"].eq("train")).groupby(imp["session_id"]).any()
     per["val"] = (engaged & imp["item_split"].eq("val")).groupby(imp["session_id"]).any()
-    side = np.select(
-        [per["ts"] > cutoff, per["heldout"], per["train"], per["val"]],
-        ["eval", "drop", "train", "val"], default="drop")
-    return pd.Series(side, index=per.index)
+    fate = pd.Series(np.select(
+        [per["ts"] > cutoff, per["engaged_heldout"], per["shown_heldout"], per["train"],
+         per["val"]],
+        ["eval", "engaged_heldout", "shown_heldout", "train", "val"], default="no_engagement"),
+        index=per.index)
+    side = fate.where(fate.isin(["eval", "train", "val"]), "drop")
+    return side, fate
 
 
 # --------------------------------------------------------------------------- pairs
@@ -182,7 +235,7 @@ def _engagement_pairs(impressions: pd.DataFrame, side: pd.Series, item_split: pd
     imp["split"] = imp["session_id"].map(side)
     # a training session keeps only its training-product pairs (and likewise for val)
     imp = imp[imp["split"].isin(["train", "val"]) & imp["item_id"].map(item_split).eq(imp["split"])
-              & (imp["position"] <= cfg.max_position)]
+              & (imp["position"] <= prop.depth)]
     imp["propensity"] = prop.lookup(imp["position"].to_numpy())
     ipw = (np.minimum(1.0 / imp["propensity"].to_numpy(), cfg.weight_clip)
            if correct_position else np.ones(len(imp)))
@@ -237,6 +290,10 @@ def build_pairs(impressions: pd.DataFrame, catalog: pd.DataFrame, boards: pd.Dat
     engaged = pairs["source"].isin(["click", "save"])
     if cfg.self_normalise and engaged.any():
         pairs.loc[engaged, "weight"] /= pairs.loc[engaged, "weight"].mean()
+    weights = pairs["weight"].to_numpy(dtype=np.float64)
+    if not (np.isfinite(weights) & (weights > 0)).all():
+        raise ValueError(f"{int((~(np.isfinite(weights) & (weights > 0))).sum())} pair weights "
+                         "are NaN, infinite or not positive: the propensity estimate is broken")
     return pairs
 
 
@@ -284,9 +341,12 @@ def harvest(world: Path, out_dir: Path, cfg: HarvestConfig | None = None,
     cutoff = impressions["ts"].max() - pd.Timedelta(days=cfg.eval_days)
     product_split = assign_product_splits(catalog, judgments, cfg)
     item_split = catalog.set_index("item_id")["product_id"].map(product_split)
-    side = _session_sides(impressions, item_split, cutoff, cfg.heldout_shown_share)
+    side, fate = _session_sides(impressions, item_split, cutoff, cfg.heldout_shown_share)
+    fates = {k: int(fate.eq(k).sum()) for k in SESSION_FATES}
+    _warn_about_guards(fates)
 
     debiased = build_pairs(impressions, catalog, boards, side, product_split, prop, cutoff, cfg)
+    _require_trainable(debiased, product_split, fates)
     naive = build_pairs(impressions, catalog, boards, side, product_split, prop, cutoff, cfg,
                         naive=True)
     eval_set = engagement_eval_set(impressions, catalog, side, product_split)
@@ -298,6 +358,9 @@ def harvest(world: Path, out_dir: Path, cfg: HarvestConfig | None = None,
         "pairs_by_split_and_source": _counts(debiased),
         "declared_sources": {"augmentation": "views made at train time (pipelines.train)"},
         "sessions_by_side": {k: int(v) for k, v in side.value_counts().sort_index().items()},
+        "sessions_by_fate": fates,
+        "products_by_split": {k: int(v) for k, v in
+                              product_split.value_counts().sort_index().items()},
         "eval_engagement_queries": len(eval_set),
         "config": asdict(cfg),
     }
@@ -310,6 +373,29 @@ def harvest(world: Path, out_dir: Path, cfg: HarvestConfig | None = None,
         (tmp / "harvest.json").write_text(json.dumps(summary, indent=1))
     return HarvestResult(out_dir, prop, summary["pairs_by_split_and_source"], cutoff.isoformat(),
                          round(time.perf_counter() - t0, 2), cfg)
+
+
+def _warn_about_guards(fates: dict[str, int]) -> None:
+    """Say loudly when the leak guard costs much of the trainable traffic."""
+    guarded = fates["shown_heldout"]
+    could_train = guarded + fates["train"] + fates["val"]
+    if could_train and guarded / could_train > 0.1:
+        log.warning("the leak guard (harvest.heldout_shown_share) dropped %d of %d sessions "
+                    "that could train (%.0f %%): their grids were mostly held-out products",
+                    guarded, could_train, 100 * guarded / could_train)
+
+
+def _require_trainable(pairs: pd.DataFrame, product_split: pd.Series,
+                       fates: dict[str, int]) -> None:
+    """No training pairs is an error that says why, not an empty harvest."""
+    if (pairs["split"] == "train").any():
+        return
+    products = product_split.value_counts().to_dict()
+    raise ValueError(
+        f"the harvest left nothing to train on: products by split {products}, sessions by "
+        f"fate {fates}. Every product a rater judged similar is held out for testing, with "
+        "the sessions that engaged it; judgments that cover the whole catalog hold out "
+        "everything (judge a sample of queries, see docs/bring_your_own_data.md)")
 
 
 def _counts(pairs: pd.DataFrame) -> dict[str, dict[str, int]]:
@@ -352,13 +438,15 @@ def plot_propensity(prop: PropensityEstimate, truth_path: Path | None, out_png: 
 
 def write_report(result: HarvestResult, world: Path, reports_dir: Path) -> dict:
     """reports/harvest.json (DVC metrics) and reports/propensity.png, scored against truth."""
-    truth = Path(world) / "truth" / "propensity.json"
+    truth = Path(world) / "truth" / "propensity.json"  # generated worlds only
+    has_truth = truth.is_file()
     pairs_by_source: dict[str, int] = {}
     for per_source in result.counts.values():
         for src, n in per_source.items():
             pairs_by_source[src] = pairs_by_source.get(src, 0) + n
     metrics = {
-        "propensity_mae": round(propensity_mae(result.propensity, truth), 4),
+        "propensity_mae": (round(propensity_mae(result.propensity, truth), 4) if has_truth
+                           else None),
         "pairs_by_source": dict(sorted(pairs_by_source.items())),
         "pairs_by_split": {s: sum(v.values()) for s, v in result.counts.items()},
         "randomised_sessions": result.propensity.n_sessions,
@@ -367,7 +455,8 @@ def write_report(result: HarvestResult, world: Path, reports_dir: Path) -> dict:
     }
     reports_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(reports_dir / "harvest.json", json.dumps(metrics, indent=1) + "\n")
-    plot_propensity(result.propensity, truth, reports_dir / "propensity.png")
+    plot_propensity(result.propensity, truth if has_truth else None,
+                    reports_dir / "propensity.png")
     return metrics
 
 
@@ -383,9 +472,9 @@ def add_cli(sub) -> None:
 
 
 def _cli(args) -> int:
-    from pipelines.config import load_section
+    from pipelines.config import load
 
-    cfg = HarvestConfig(**load_section(args.params, "harvest"))
+    cfg = load(HarvestConfig, args.params, "harvest")
     result = harvest(args.world, args.out, cfg, quarantine_dir=args.quarantine,
                      docs_dir=args.docs)
     summary = {"out": str(result.out_dir), "pairs": result.counts, "seconds": result.seconds}

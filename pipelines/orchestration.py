@@ -141,12 +141,12 @@ def validate_logs(cfg: LoupeConfig, run_dir: Path) -> dict:
 def harvest_pairs(cfg: LoupeConfig, run_dir: Path) -> dict:
     """Debiased + naive training pairs, splits and the engagement eval set, plus the
     propensity plot (truth overlaid only where the world has truth/)."""
-    from pipelines.config import load_section
+    from pipelines.config import load
     from pipelines.harvest import HarvestConfig, harvest, plot_propensity
 
     run_dir = Path(run_dir)
     result = harvest(cfg.world, run_dir / "harvest",
-                     HarvestConfig(**load_section(Path(cfg.params_file), "harvest")),
+                     load(HarvestConfig, Path(cfg.params_file), "harvest"),
                      quarantine_dir=cfg.quarantine_dir)
     truth = cfg.world / "truth" / "propensity.json"
     png = plot_propensity(result.propensity, truth if truth.is_file() else None,

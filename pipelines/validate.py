@@ -46,7 +46,8 @@ def add_cli(sub) -> None:
     p.add_argument("table", choices=[*schemas.TABLES, "world"],
                    help="table name, or 'world' to validate every table under PATH/tables")
     p.add_argument("path", type=Path, help="parquet file (or world root for 'world')")
-    p.add_argument("--quarantine", type=Path, default=None, help="keep a copy of each failing file (and its report) here")
+    p.add_argument("--quarantine", type=Path, default=None,
+                   help="keep a copy of each failing file (and its report) here")
     p.add_argument("--docs", type=Path, default=None, help="Data Docs site directory")
     p.add_argument("--catalog", type=Path, default=None,
                    help="catalog for item-id checks (default: catalog.parquet next to PATH)")

@@ -39,7 +39,10 @@ def checkout_fingerprint(repo: Path = REPO) -> dict[str, tuple[int, int]]:
         top = repo / name
         files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file())
         for f in files:
-            st = f.stat()
+            try:
+                st = f.stat()
+            except FileNotFoundError:  # a temp file renamed away while we listed
+                continue
             out[str(f.relative_to(repo))] = (st.st_size, st.st_mtime_ns)
     if os.environ.get("LOUPE_WRITE_REPORTS"):
         out.pop("reports/faults.json", None)
