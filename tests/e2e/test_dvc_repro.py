@@ -59,3 +59,19 @@ def test_dvc_repro_tiny_world(tmp_path):
     # nothing changed: a second repro runs no stage
     again = dvc("repro", "evaluate")
     assert again.returncode == 0 and "didn't change" in again.stdout + again.stderr
+    # the retrain DAG on the same world and params.yaml, in a root of its own (cold caches,
+    # its own MLflow store): the same headline numbers as `dvc repro` (issue 21)
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.utils import db
+
+    db.initdb()
+    dag_root = tmp_path / "dag_root"
+    dag = DagBag(str(REPO / "dags" / "loupe_monthly_retrain.py")).dags["loupe_monthly_retrain"]
+    dr = dag.test(run_conf={"loupe_root": str(dag_root), "world_root": str(tmp_path / "data/tiny"),
+                            "params_file": str(tmp_path / "params.yaml"),
+                            "mlflow_tracking_uri": f"sqlite:///{dag_root / 'mlflow.db'}"})
+    assert str(dr.state) in ("success", "DagRunState.SUCCESS"), dr.state
+    [by_dag] = list(dag_root.rglob("reports/eval.json"))
+    by_dag = json.loads(by_dag.read_text())
+    for key in ("recall_at_10", "naive_recall_at_10", "baseline_recall_at_10", "recall_at_k"):
+        assert by_dag[key] == evaluation[key], key
