@@ -15,6 +15,7 @@ GE validation result and Data Docs page. The reference time is the suite paramet
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import great_expectations as gx
 import numpy as np
@@ -57,8 +58,15 @@ KEY_COLUMNS: dict[str, tuple[str, ...]] = {
     "embeddings": ("item_id",),
 }
 
+# the photo column of each table that names photos (paths relative to the world root)
+PHOTO_COLUMNS = {"catalog": "image_path", "impressions": "query_image_path",
+                 "rater_queries": "image_path", "scenes": "image_path"}
+
 # derived columns (added by `add_derived_columns`)
+ROW = "row"  # position of the row in the file (0-based, as pandas reads it): named in examples
 UNKNOWN_ITEM = "item_id_not_in_catalog"  # the item_id where the catalog lacks it, else null
+MISSING_PHOTO = "photo_file_missing"  # the photo path where no such file exists, else null
+UNKNOWN_RATER_QUERY = "rater_query_id_not_in_rater_queries"
 VECTOR_DIM = "vector_dim"
 VECTOR_NONFINITE = "vector_nonfinite_values"
 VECTOR_NORM = "vector_l2_norm"
@@ -114,6 +122,11 @@ def _known_items() -> list[Expectation]:
 
 
 def _table_expectations(table: str) -> list[Expectation]:
+    photos = [ExpectColumnValuesToBeNull(column=MISSING_PHOTO)] if table in PHOTO_COLUMNS else []
+    return _row_expectations(table) + photos
+
+
+def _row_expectations(table: str) -> list[Expectation]:
     if table == "catalog":
         return [_unique("item_id"), _not_future("created_at"), _non_empty("image_path"),
                 ExpectColumnValuesToBeBetween(column="price", min_value=0, strict_min=True)]
@@ -135,7 +148,7 @@ def _table_expectations(table: str) -> list[Expectation]:
     if table == "rater_judgments":
         return [_unique("rater_query_id", "item_id"),
                 ExpectColumnValuesToBeInSet(column="grade", value_set=list(GRADES)),
-                *_known_items()]
+                *_known_items(), ExpectColumnValuesToBeNull(column=UNKNOWN_RATER_QUERY)]
     if table == "scenes":
         return [_unique("scene_id"), _non_empty("image_path"),
                 ExpectColumnValuesToBeBetween(column="width", min_value=1),
@@ -168,13 +181,31 @@ def build_suite(table: str) -> gx.ExpectationSuite:
 
 
 def add_derived_columns(table: str, frame: pd.DataFrame, arrow: pa.Table,
-                        catalog_item_ids: Iterable[str] | None) -> pd.DataFrame:
+                        catalog_item_ids: Iterable[str] | None,
+                        photo_root: Path | None = None,
+                        rater_query_ids: Iterable[str] | None = None) -> pd.DataFrame:
     """Append the derived columns `table`'s suite checks (computed from the arrow table).
 
     Source columns that are missing are skipped: the schema expectations already report
-    them, and GE then reports the derived column as missing too.
+    them, and GE then reports the derived column as missing too. Photo paths are checked
+    under `photo_root` and judgments against `rater_query_ids`; where either is unknown (a
+    table outside a world's tables/ folder) that check has nothing to report.
     """
     names = set(arrow.column_names)
+    frame[ROW] = np.arange(len(frame))
+    column = PHOTO_COLUMNS.get(table)
+    if column in names:
+        paths = frame[column]
+        if photo_root is None:
+            frame[MISSING_PHOTO] = pd.Series(None, index=frame.index, dtype=object)
+        else:
+            exists = {p: (Path(photo_root) / p).is_file() for p in paths.dropna().unique()}
+            frame[MISSING_PHOTO] = paths.where(~paths.map(exists).fillna(True).astype(bool))
+    if table == "rater_judgments" and "rater_query_id" in names:
+        ids = frame["rater_query_id"]
+        known = (ids.isin(pd.Index(rater_query_ids)) | ids.isna() if rater_query_ids is not None
+                 else pd.Series(True, index=frame.index))
+        frame[UNKNOWN_RATER_QUERY] = ids.where(~known)
     if table in NEEDS_CATALOG and "item_id" in names:
         if catalog_item_ids is None:
             raise ValueError(f"{table} checks item ids against the catalog: pass its item ids")

@@ -137,7 +137,7 @@ def _checkpoint(docs_dir: Path | None, table: str, keys: tuple[str, ...]):
     from data_contracts.contracts import KEY_COLUMNS, build_suite
 
     ctx = _context(docs_dir)
-    name = table if keys == KEY_COLUMNS[table] else f"{table}[{','.join(keys)}]"
+    name = table if keys[1:] == KEY_COLUMNS[table] else f"{table}[{','.join(keys)}]"
     batch = ctx.data_sources.get("loupe").add_dataframe_asset(name) \
         .add_batch_definition_whole_dataframe("whole")
     suite = ctx.suites.add_or_update(build_suite(table))
@@ -181,6 +181,9 @@ def _docs_page(docs_dir: Path | None, result_id) -> Path | None:
 
 # --------------------------------------------------------------------------- runner
 def _read(table: str, path: Path, catalog_path: Path | None) -> pd.DataFrame:
+    """The table as GE checks it: read, plus the derived columns. A table in a world's
+    `tables/` folder has its photo paths checked under the world root and its judgments
+    against the `rater_queries` table beside it."""
     from data_contracts.contracts import NEEDS_CATALOG, add_derived_columns
 
     if not path.is_file():
@@ -196,7 +199,13 @@ def _read(table: str, path: Path, catalog_path: Path | None) -> pd.DataFrame:
             raise FileNotFoundError(f"{table} item ids are checked against the catalog, "
                                     f"but {catalog_path} does not exist (pass catalog_path)")
         catalog_ids = pq.read_table(catalog_path, columns=["item_id"])["item_id"].to_pandas()
-    return add_derived_columns(table, arrow.to_pandas(), arrow, catalog_ids)
+    in_world = path.parent.name == "tables"
+    queries = path.with_name("rater_queries.parquet")
+    query_ids = (pq.read_table(queries, columns=["rater_query_id"])["rater_query_id"]
+                 .to_pandas() if table == "rater_judgments" and queries.is_file() else None)
+    return add_derived_columns(table, arrow.to_pandas(), arrow, catalog_ids,
+                               photo_root=path.parent.parent if in_world else None,
+                               rater_query_ids=query_ids)
 
 
 def _quarantine(path: Path, table: str, quarantine_dir: Path) -> Path:
@@ -236,10 +245,10 @@ def validate_table(table: str, path: Path, *, quarantine_dir: Path | None,
             seconds=round(time.perf_counter() - t0, 3))
         _refuse(report, path, table, quarantine_dir)
 
-    from data_contracts.contracts import KEY_COLUMNS, NOW
+    from data_contracts.contracts import KEY_COLUMNS, NOW, ROW
 
     docs_dir = None if docs_dir is None else Path(docs_dir).resolve()
-    keys = tuple(c for c in KEY_COLUMNS[table] if c in frame.columns)
+    keys = (ROW, *(c for c in KEY_COLUMNS[table] if c in frame.columns))
     checkpoint = _checkpoint(docs_dir, table, keys)
     run = checkpoint.run(batch_parameters={"dataframe": frame},
                          expectation_parameters={NOW: now})

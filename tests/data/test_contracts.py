@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_contracts import schemas
-from data_contracts.constants import GRID_SIZE, UNIT_NORM_TOL
+from data_contracts.constants import MAX_LOGGED_POSITION, UNIT_NORM_TOL
 from data_contracts.contracts import build_suite
 from data_contracts.validation import ContractViolation, validate_table
 from pipelines.cli import main
@@ -28,9 +28,10 @@ NOW = WORLD_END + timedelta(days=30)  # after the rater set (logs end + up to 14
 
 @pytest.fixture
 def tables(tiny_world, tmp_path) -> Path:
-    """A private copy of the tiny world's tables: these tests corrupt files."""
+    """A private copy of the tiny world's tables (photos linked): these tests corrupt files."""
     out = tmp_path / "world" / "tables"
     shutil.copytree(tiny_world / "tables", out)
+    (out.parent / "images").symlink_to(tiny_world / "images")
     return out
 
 
@@ -99,8 +100,9 @@ def _negative_position(t):
 
 
 def _position_past_grid(t):
+    """Grids of any length pass (issue 16); a position past any plausible grid does not."""
     f = _read(t, "impressions")
-    f.loc[[5], "position"] = GRID_SIZE + 1
+    f.loc[[5], "position"] = MAX_LOGGED_POSITION + 1
     return "impressions", f, schemas.IMPRESSIONS
 
 
@@ -180,7 +182,7 @@ CORRUPTIONS = {
     "nulls": (_nulls, "expect_column_values_to_not_be_null", "item_id", 2),
     "negative position": (_negative_position, "expect_column_values_to_be_between",
                           "position", 1),
-    "position past the grid": (_position_past_grid, "expect_column_values_to_be_between",
+    "position past any grid": (_position_past_grid, "expect_column_values_to_be_between",
                                "position", 1),
     "absent position": (_absent_position, "expect_column_values_to_not_be_null", "position", 1),
     "duplicate impression": (_duplicate_impression, "expect_column_values_to_be_unique",
@@ -240,7 +242,8 @@ def test_examples_name_the_bad_rows(tables, tmp_path):
     with pytest.raises(ContractViolation) as caught:
         validate_table(table, path, quarantine_dir=None, docs_dir=None, now=NOW)
     (failure,) = caught.value.reports[0].failures
-    assert failure.examples == [{"position": -3, "impression_id": frame.impression_id[5]}]
+    assert failure.examples == [{"position": -3, "row": 5,
+                                 "impression_id": frame.impression_id[5]}]
     assert path.is_file()  # no quarantine dir: the file stays, the stage still stops
 
 
@@ -286,3 +289,23 @@ def test_cli_world_reports_every_failing_table(tables, tmp_path, capsys):
         (tables / "boards.parquet").read_bytes()]
     assert sorted(p.stem for p in tables.iterdir()) == sorted(
         t for t in schemas.TABLES if t != "embeddings")
+
+
+def test_missing_photos_and_unknown_rater_queries_are_refused_by_row(tables):
+    """Issue 16: a catalog photo or query photo with no file passed validate (and stopped
+    training later); judgments for rater queries that do not exist passed too."""
+    catalog = _read(tables, "catalog")
+    catalog.loc[3, "image_path"] = "images/catalog/nowhere.jpg"
+    path = _write(catalog, tables / "catalog.parquet", schemas.CATALOG)
+    with pytest.raises(ContractViolation) as caught:
+        validate_table("catalog", path, quarantine_dir=None, docs_dir=None, now=NOW)
+    (failure,) = caught.value.reports[0].failures
+    assert failure.column == "photo_file_missing" and failure.unexpected_count == 1
+    assert failure.examples == [{"photo_file_missing": "images/catalog/nowhere.jpg", "row": 3,
+                                 "item_id": catalog.item_id[3]}]
+
+    judgments = _read(tables, "rater_judgments")
+    judgments.loc[0, "rater_query_id"] = "rq-unknown"
+    path = _write(judgments, tables / "rater_judgments.parquet", schemas.RATER_JUDGMENTS)
+    with pytest.raises(ContractViolation, match="rater_query_id_not_in_rater_queries"):
+        validate_table("rater_judgments", path, quarantine_dir=None, docs_dir=None, now=NOW)

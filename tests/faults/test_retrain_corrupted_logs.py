@@ -49,6 +49,7 @@ def test_corrupted_impression_logs_stop_the_retrain_before_training(tiny_world, 
     db.initdb()
     world = tmp_path / "world"
     shutil.copytree(tiny_world / "tables", world / "tables")
+    (world / "images").symlink_to(tiny_world / "images")
     impressions = world / "tables" / "impressions.parquet"
     original = impressions.read_bytes()
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
