@@ -15,6 +15,8 @@ import sys
 # command -> (module whose add_cli registers it, its one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("pipelines.world.cli", "generate the demo product world (known ground truth)"),
+    "import-catalog": ("pipelines.import_catalog", "a folder of photos + a catalog table -> "
+                                                   "a world (the real-data entry point)"),
     "validate": ("pipelines.validate", "check a table (or a whole world) against its contract"),
     "harvest": ("pipelines.harvest", "engagement pairs with position-bias correction + splits"),
     "demo": ("pipelines.demo", "demo world -> retrain DAG -> rollout DAG, then where to look"),
