@@ -305,7 +305,8 @@ def run_import(cfg: ImportConfig, now: datetime | None = None) -> ImportReport:
 
 # --------------------------------------------------------------------------- CLI
 def add_cli(sub) -> None:
-    p = sub.add_parser("import-catalog", help="a folder of photos + a catalog table -> a world")
+    p = sub.add_parser("import-catalog", help="a folder of photos + a catalog table -> "
+                                                     "a world (the real-data entry point)")
     p.add_argument("--images", type=Path, required=True,
                    help="folder the tables' photo paths are relative to")
     p.add_argument("--catalog", type=Path, required=True, help=".csv, .tsv or .parquet")
