@@ -29,9 +29,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from data_contracts.durable import write_json_atomic
-from pipelines.config import load_section
+from pipelines.config import from_mapping, load_section
 from pipelines.embed import EmbedFn, load_embeddings, read_catalog, require_unit_vectors
 from serving.shards import layout, pointer
 from serving.shards.delta import DELETE, UPSERT, DeltaLog
@@ -53,6 +54,13 @@ class CanaryParams:
     min_rater_recall: float = 0.3  # rater-set recall@k (with a query embedder)
     norm_tolerance: float = 0.01  # every stored vector's |‖v‖ - 1|
     max_mean_vector_norm: float = 0.9  # ‖mean vector‖ near 1 = collapsed embeddings
+    # catalogs with one listing per product have no sibling to find; their probes are each
+    # listing's own vector, jittered (cosine ~0.95 to it), which must find the listing
+    self_probe_noise: float = 0.3  # std of the jitter, relative to a unit vector's length
+    min_self_recall: float = 0.9
+    # ... and, with a query embedder, a re-shot photo: an off-centre crop of the listing's photo
+    reshot_box: tuple[float, float, float, float] = (0.04, 0.08, 0.88, 0.96)
+    min_reshot_recall: float = 0.5
     seed: int = 0
 
 
@@ -72,7 +80,7 @@ class IndexParams(ShardParams):
     @classmethod
     def load(cls, params_path: Path | None = None) -> IndexParams:
         section = dict(load_section(params_path, "index"))
-        canary = CanaryParams(**section.pop("canary", {}) or {})
+        canary = from_mapping(CanaryParams, section.pop("canary", {}) or {}, "index.canary")
         store = StoreParams(**section.pop("store", {}) or {})
         known = {f.name for f in fields(cls)}
         unknown = set(section) - known
@@ -194,8 +202,10 @@ def canary(index_root: Path, version: str, world_root: Path, params: CanaryParam
     if len(probes) > params.max_probes:
         probes = sorted(rng.choice(probes, params.max_probes, replace=False).tolist())
     metrics["n_probes"] = len(probes)
-    if not probes:
-        reasons.append("no probe queries: no product has two listings in this index")
+    if not probes:  # one listing per product: each listing must find itself
+        _self_probes(ids, vectors, shards, params, rng, metrics, reasons)
+        if query_embed_fn is not None:
+            _reshot_probes(ids, catalog, shards, query_embed_fn, params, rng, metrics, reasons)
     else:
         queries = vectors[probes]
         found = search_shards(shards, queries, k + 1)
@@ -218,7 +228,10 @@ def canary(index_root: Path, version: str, world_root: Path, params: CanaryParam
             reasons.append(f"overlap with exact search {metrics['exact_overlap']:.3f} < "
                            f"{params.min_exact_overlap}")
 
-    if query_embed_fn is not None:
+    raters = Path(world_root) / "tables" / "rater_queries.parquet"
+    if query_embed_fn is not None and pq.read_metadata(raters).num_rows == 0:
+        metrics["rater_probes"] = "skipped: the world has no rater set"
+    elif query_embed_fn is not None:
         from pipelines.evaluate import load_rater_set, recall_at_k
 
         rater = load_rater_set(world_root)
@@ -246,6 +259,54 @@ def canary(index_root: Path, version: str, world_root: Path, params: CanaryParam
     pointer.write_verdict(index_root, verdict)
     log.info("canary %s: %s %s", version, "PASS" if verdict.passed else "FAIL", reasons)
     return verdict
+
+
+def _self_probes(ids: np.ndarray, vectors: np.ndarray, shards, params: CanaryParams,
+                 rng: np.random.Generator, metrics: dict, reasons: list[str]) -> None:
+    """Each probed listing's vector, jittered and renormalised, must find the listing in
+    the top k: the index's integrity on a catalog with no sibling listings."""
+    k = params.k
+    rows = np.sort(rng.choice(len(ids), min(params.max_probes, len(ids)), replace=False))
+    noise = rng.normal(0.0, params.self_probe_noise / np.sqrt(vectors.shape[1]),
+                       (len(rows), vectors.shape[1]))
+    queries = vectors[rows] + noise.astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    found = search_shards(shards, queries, k)
+    exact = _exact_top(vectors, queries, k)
+    hits = [ids[r] in {item for item, _ in f} for r, f in zip(rows, found, strict=True)]
+    overlap = [len({item for item, _ in f} & {ids[e] for e in ex}) / max(1, len(ex))
+               for f, ex in zip(found, exact, strict=True)]
+    metrics.update(probe_kind="self", n_probes=int(len(rows)),
+                   self_recall=float(np.mean(hits)), exact_overlap=float(np.mean(overlap)))
+    if metrics["self_recall"] < params.min_self_recall:
+        reasons.append(f"self probe recall@{k} {metrics['self_recall']:.3f} < "
+                       f"{params.min_self_recall}: jittered listings do not find themselves")
+    if metrics["exact_overlap"] < params.min_exact_overlap:
+        reasons.append(f"overlap with exact search {metrics['exact_overlap']:.3f} < "
+                       f"{params.min_exact_overlap}")
+
+
+def _reshot_probes(ids: np.ndarray, catalog: pd.DataFrame, shards, embed: EmbedFn,
+                   params: CanaryParams, rng: np.random.Generator, metrics: dict,
+                   reasons: list[str]) -> None:
+    """An off-centre crop of a listing's photo, embedded as a user's query would be, must
+    find the listing: the model and the index agree on real photos."""
+    k = params.k
+    photo = catalog.set_index("item_id")["image_path"]
+    rows = np.sort(rng.choice(len(ids), min(params.max_probes, len(ids)), replace=False))
+    paths = [photo[ids[r]] for r in rows]
+    queries = require_unit_vectors(
+        embed(paths, np.tile(np.asarray(params.reshot_box, np.float64), (len(rows), 1))),
+        len(rows), "re-shot probe embeddings")
+    found = search_shards(shards, queries, k)
+    hits = [ids[r] in {item for item, _ in f} for r, f in zip(rows, found, strict=True)]
+    # in a small catalog a random top k already holds the listing k/n of the time
+    floor = max(params.min_reshot_recall, min(0.95, params.min_probe_lift * k / len(ids)))
+    metrics.update(n_reshot_probes=int(len(rows)), reshot_recall=float(np.mean(hits)),
+                   reshot_recall_floor=floor)
+    if metrics["reshot_recall"] < floor:
+        reasons.append(f"re-shot probe recall@{k} {metrics['reshot_recall']:.3f} < "
+                       f"{floor:.3f}: cropped catalog photos do not find their listing")
 
 
 class CanaryFailed(ValueError):
