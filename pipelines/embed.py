@@ -453,8 +453,18 @@ def add_cli(sub) -> None:
     p = sub.add_parser("embed", help="re-embed the catalog with one model version (resumable)")
     p.add_argument("--world", type=Path, required=True, help="world / data root")
     p.add_argument("--out", type=Path, required=True, help="embeddings dir for this model")
-    p.add_argument("--attribute-vectors", type=int, default=None, metavar="SEED",
-                   help="no model: clustered vectors from catalog attributes (benchmarks)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", default=None,
+                       help="a registered embedder: champion, challenger or loupe-embedder/N "
+                            "(the catalog treatment, as the rollout embeds)")
+    which.add_argument("--attribute-vectors", type=int, default=None, metavar="SEED",
+                       help="no model: clustered vectors from catalog attributes (benchmarks)")
+    p.add_argument("--detector", default=None,
+                   help="registered detector picking the boxes (default: the newest)")
+    p.add_argument("--pick-policy", default="salient>whole",
+                   help="which box of a catalog photo is embedded, e.g. category>salient>whole")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--partition", type=int, action="append", default=None,
                    help="embed only this partition (repeatable; default: all)")
     p.add_argument("--params", type=Path, default=None)
@@ -462,16 +472,30 @@ def add_cli(sub) -> None:
     p.set_defaults(func=_cli)
 
 
+def _registered_catalog_embed_fn(args) -> tuple[str, EmbedFn]:
+    """The rollout's catalog treatment for a registered embedder, from the command line."""
+    from pipelines.registry import resolve_detector, resolve_model
+    from pipelines.rollout import catalog_embed_fn
+    from pipelines.run_config import resolve_config
+
+    cfg = resolve_config({"world_root": str(args.world),
+                          "mlflow_tracking_uri": args.tracking_uri})
+    model_version = resolve_model(args.model, cfg.mlflow_tracking_uri)
+    detector = resolve_detector(args.detector, cfg.mlflow_tracking_uri)
+    return model_version, catalog_embed_fn(cfg, model_version, {
+        "detector_version": detector, "pick_policy": args.pick_policy})
+
+
 def _cli(args) -> int:
     if args.status:
         print(json.dumps(embedding_progress(args.out), indent=1))
         return 0
     params = EmbedParams.load(args.params)
-    if args.attribute_vectors is None:
-        raise ValueError("--attribute-vectors SEED is required (registered-model embedding "
-                         "is available from Python: catalog_treatment)")
-    model_version = attribute_model_version(args.attribute_vectors)
-    embed_fn = attribute_embed_fn(args.world, args.attribute_vectors)
+    if args.model is not None:
+        model_version, embed_fn = _registered_catalog_embed_fn(args)
+    else:
+        model_version = attribute_model_version(args.attribute_vectors)
+        embed_fn = attribute_embed_fn(args.world, args.attribute_vectors)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     summary = reembed(args.world, model_version, embed_fn, args.out, args.partition,
                       params.batch_size, n_partitions=params.n_partitions,

@@ -21,7 +21,7 @@ PARAMS = Path(__file__).parents[2] / "params.yaml"
 
 
 def test_rollout_serve_and_ingest_give_a_photo_the_same_vector(tiny_world, tiny_detector,
-                                                                tmp_path):
+                                                                tmp_path, monkeypatch):
     from models.embedder import EmbedderSpec, frozen_baseline
     from models.export import export_embedder
     from pipelines.embed import embed_fn_from_export, load_embeddings, reembed
@@ -91,3 +91,22 @@ def test_rollout_serve_and_ingest_give_a_photo_the_same_vector(tiny_world, tiny_
     assert cropped.sum() >= 8  # 13 of the 31 re-listed photos on the tiny world
     assert cos[cropped].max() < 0.95
     assert cos[~cropped].min() > 0.9999
+
+    # `loupe embed --model`: a registered embedder from the command line (issue 16), the
+    # same treatment and vectors; fetched copies go under LOUPE_ROOT, not the checkout
+    from pipelines import registry
+    from pipelines.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    run = registry.log_run(registry.RegistryConfig(uri), run_name="frozen", params={},
+                           metrics={}, artifacts={}, model_files=sorted(embedder_dir.iterdir()))
+    assert registry.register_model_version(registry.RegistryConfig(uri), run, 0.5,
+                                           "fp").model_version == MODEL
+    assert tiny_detector.register(uri) == DETECTOR
+    monkeypatch.setenv("LOUPE_ROOT", str(tmp_path / "cli_root"))
+    assert main(["embed", "--model", MODEL, "--tracking-uri", uri, "--world", str(tiny_world),
+                 "--out", str(tmp_path / "cli-embeddings")]) == 0
+    by_cli = load_embeddings(tmp_path / "cli-embeddings")
+    assert by_cli.model_version == MODEL and by_cli.treatment == TREATMENT
+    np.testing.assert_array_equal(by_cli.item_ids, served.item_ids)
+    np.testing.assert_array_equal(by_cli.vectors, served.vectors)
