@@ -185,6 +185,11 @@ def assign_product_splits(catalog: pd.DataFrame, judgments: pd.DataFrame,
     rated = set(catalog.loc[catalog["item_id"].isin(rated_items), "product_id"])
     u = _stable_unit(products, cfg.seed)
     split = np.where(products.isin(rated), "test", np.where(u < cfg.val_share, "val", "train"))
+    trainable = np.flatnonzero(split != "test")
+    if cfg.val_share > 0 and len(trainable) > 1 and not (split == "val").any():
+        # a small catalog can draw no validation product at all: take the lowest draws
+        n_val = max(1, round(cfg.val_share * len(trainable)))
+        split[trainable[np.argsort(u[trainable], kind="stable")[:n_val]]] = "val"
     return pd.Series(split, index=products.to_numpy(), name="split")
 
 

@@ -217,26 +217,38 @@ def _catalog(cfg: ImportConfig, report: ImportReport, now: datetime) -> pd.DataF
     return frame
 
 
-def _impressions(cfg: ImportConfig, report: ImportReport, items: set[str]) -> pd.DataFrame:
-    frame = _read_table(cfg.impressions).reset_index(drop=True)
-    missing = [c for c in schemas.IMPRESSIONS.names if c not in frame.columns]
+def _log_table(path: Path, table: str, key: str, photo_column: str | None,
+               cfg: ImportConfig, report: ImportReport, items: set[str]) -> pd.DataFrame:
+    """An optional table in its schema's types: every column coerced, bad rows flagged."""
+    schema = schemas.TABLES[table]
+    frame = _read_table(path).reset_index(drop=True)
+    missing = [c for c in schema.names if c not in frame.columns]
     if missing:
-        raise ValueError(f"{cfg.impressions}: missing columns {missing} (the impressions "
-                         "schema: data_contracts/schemas.py)")
-    rows = _Rows("impressions", "impression_id", report)
-    frame["ts"] = _as_utc(frame["ts"], "impressions.ts", report)
-    for column in ("clicked", "saved"):
-        frame[column] = _as_bool(frame[column], f"impressions.{column}", report)
-        rows.flag(frame, frame[column].isna(), f"{column} is not true/false")
-    for column in ("query_x0", "query_y0", "query_x1", "query_y1", "ranker_score"):
-        frame[column] = _as_float(frame[column], f"impressions.{column}", report)
-    frame["position"] = pd.to_numeric(frame["position"], errors="coerce")
-    rows.flag(frame, frame["position"].isna(), "position is not a number")
-    rows.flag(frame, ~frame["item_id"].astype(str).isin(items),
-              "item_id is not an imported catalog item")
-    _check_photos(frame, "query_image_path", rows, _photo_checker(cfg.images))
+        raise ValueError(f"{path}: missing columns {missing} (the {table} schema: "
+                         "data_contracts/schemas.py, docs/bring_your_own_data.md)")
+    rows = _Rows(table, key, report)
+    for f in schema:
+        column, where = f.name, f"{table}.{f.name}"
+        if pa.types.is_timestamp(f.type):
+            frame[column] = _as_utc(frame[column], where, report)
+        elif pa.types.is_boolean(f.type):
+            frame[column] = _as_bool(frame[column], where, report)
+        elif pa.types.is_floating(f.type):
+            frame[column] = _as_float(frame[column], where, report)
+        elif pa.types.is_integer(f.type):
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+        rows.flag(frame, frame[column].isna(), f"{column} is empty or not a {f.type}")
+    if "item_id" in schema.names:
+        rows.flag(frame, ~frame["item_id"].astype(str).isin(items),
+                  "item_id is not an imported catalog item")
+    if photo_column:
+        _check_photos(frame, photo_column, rows, _photo_checker(cfg.images))
     frame = rows.finish(frame)
-    frame["position"] = frame["position"].astype("int64")
+    for f in schema:
+        if pa.types.is_integer(f.type):
+            frame[f.name] = frame[f.name].astype("int64")
+        elif pa.types.is_string(f.type):
+            frame[f.name] = frame[f.name].astype(str)
     return frame
 
 
@@ -251,21 +263,20 @@ def run_import(cfg: ImportConfig, now: datetime | None = None) -> ImportReport:
     now = now or datetime.now(UTC).replace(microsecond=0)
     report = ImportReport(out=str(cfg.out))
     catalog = _catalog(cfg, report, now)
-    impressions = (_impressions(cfg, report, set(catalog["item_id"]))
+    items = set(catalog["item_id"])
+    impressions = (_log_table(cfg.impressions, "impressions", "impression_id",
+                              "query_image_path", cfg, report, items)
                    if cfg.impressions else None)
     tables: dict[str, pd.DataFrame] = {}
     if cfg.rater_queries or cfg.rater_judgments:
         if not (cfg.rater_queries and cfg.rater_judgments):
             raise ValueError("a rater set is two tables: pass --rater-queries and "
                              "--rater-judgments together")
-        tables["rater_queries"] = _read_table(cfg.rater_queries)
-        tables["rater_judgments"] = _read_table(cfg.rater_judgments)
-        tables["rater_queries"]["created_at"] = _as_utc(
-            tables["rater_queries"]["created_at"], "rater_queries.created_at", report)
-        rq_rows = _Rows("rater_queries", "rater_query_id", report)
-        _check_photos(tables["rater_queries"], "image_path", rq_rows,
-                      _photo_checker(cfg.images))
-        tables["rater_queries"] = rq_rows.finish(tables["rater_queries"])
+        tables["rater_queries"] = _log_table(cfg.rater_queries, "rater_queries",
+                                             "rater_query_id", "image_path", cfg, report,
+                                             items)
+        tables["rater_judgments"] = _log_table(cfg.rater_judgments, "rater_judgments",
+                                               "rater_query_id", None, cfg, report, items)
     if report.refused and not cfg.drop_bad_rows:
         lines = [f"  {r['table']} row {r['row']} ({r['id_column']}={r['id']}): {r['reason']}"
                  for r in report.bad_rows[:20]]

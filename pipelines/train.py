@@ -552,11 +552,13 @@ def train(world: Path, pairs_path: Path, out_dir: Path, cfg: TrainConfig | None 
     save_embedder(model, out_dir / "embedder.pt")
     export_dir = export_embedder(model, out_dir / "export", {"trained_on": str(pairs_path)})
     best = best_ckpt.best_model_score if not fast_dev_run else None
+    best_epoch, note = _selection(module)
     metrics = {
         "train_seconds": round(time.perf_counter() - t0, 1), "cache_seconds": round(cache_s, 1),
         "fit_seconds": round(fit_s, 1), "epochs": int(trainer.current_epoch),
         "selected_by": SELECT_METRIC,
         "best_val_style_recall_at_10": None if best is None else round(float(best), 4),
+        "best_epoch": best_epoch, "selection_note": note,
         "final_val_recall_at_10": round(final["val_recall_at_10"], 4),
         "final_val_style_recall_at_10": round(final[SELECT_METRIC], 4),
         "curve": module.curve, "weights_sha256": weights_digest(model),
@@ -567,6 +569,26 @@ def train(world: Path, pairs_path: Path, out_dir: Path, cfg: TrainConfig | None 
     }
     write_json_atomic(out_dir / "train.json", metrics, sort_keys=False)
     return TrainResult(out_dir, export_dir, metrics)
+
+
+def _selection(module: ContrastiveModule) -> tuple[int | None, str | None]:
+    """The epoch the selection metric chose, and a loud note when that choice means little:
+    no validation pairs (ranked on training pairs) or a metric flat across epochs."""
+    scores = [row[SELECT_METRIC] for row in module.curve]
+    if not scores:
+        return None, None
+    best_epoch = int(module.curve[int(np.argmax(scores))]["epoch"])
+    style_val = np.isin(module.table.source[module.val_pairs], STYLE_SOURCES).sum()
+    note = None
+    if style_val == 0:
+        note = (f"no validation pairs of {STYLE_SOURCES}: epochs were ranked on training "
+                "pairs, so the chosen epoch may be overfit (the harvest's val split is empty)")
+    elif len(scores) > 1 and max(scores) - min(scores) < 1e-9:
+        note = (f"{SELECT_METRIC} was {scores[0]:.4f} every epoch: the selection signal is "
+                "degenerate and the first epoch was kept")
+    if note:
+        log.warning("checkpoint selection: %s", note)
+    return best_epoch, note
 
 
 def _checkpoint(ckpt_dir: Path, filename: str, monitor: str | None) -> pl.Callback:

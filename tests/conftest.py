@@ -90,39 +90,13 @@ def bomb_png() -> bytes:
             + chunk(b"IEND", b""))
 
 
-# real photographs that installed packages ship: file -> (package, relative path, category)
-REAL_PHOTOS = {
-    "astronaut.png": ("skimage", "data/astronaut.png", "portrait"),
-    "grace_hopper.jpg": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg", "portrait"),
-    "chelsea.png": ("skimage", "data/chelsea.png", "animal"),
-    "coffee.png": ("skimage", "data/coffee.png", "tableware"),
-    "rocket.jpg": ("skimage", "data/rocket.jpg", "vehicle"),
-    "motorcycle_left.png": ("skimage", "data/motorcycle_left.png", "vehicle"),
-    "motorcycle_right.png": ("skimage", "data/motorcycle_right.png", "vehicle"),
-    "china.jpg": ("sklearn", "datasets/images/china.jpg", "scenery"),
-    "flower.jpg": ("sklearn", "datasets/images/flower.jpg", "plant"),
-    "retina.jpg": ("skimage", "data/retina.jpg", "science"),
-    "hubble_deep_field.jpg": ("skimage", "data/hubble_deep_field.jpg", "science"),
-    "ihc.png": ("skimage", "data/ihc.png", "science"),
-    "color.png": ("skimage", "data/color.png", "science"),
-    "brick.png": ("skimage", "data/brick.png", "texture"),
-    "grass.png": ("skimage", "data/grass.png", "texture"),
-    "gravel.png": ("skimage", "data/gravel.png", "texture"),
-}
-
-
 @pytest.fixture(scope="session")
-def real_photos(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+def real_photos() -> dict[str, tuple[Path, str]]:
     """Real photographs shipped by installed packages (scikit-image, scikit-learn,
     matplotlib), never generated: name -> (file, category). Read-only."""
-    import importlib
+    from bench.real_data import real_photos
 
-    out = {}
-    for name, (package, rel, category) in REAL_PHOTOS.items():
-        path = Path(importlib.import_module(package).__file__).parent / rel
-        assert path.is_file(), f"{package} no longer ships {rel}"
-        out[name] = (path, category)
-    return out
+    return real_photos()
 
 
 @pytest.fixture(scope="session")
