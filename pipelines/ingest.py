@@ -227,8 +227,12 @@ def add_cli(sub) -> None:
     p.add_argument("--feed", type=Path, required=True, help="change feed (SQLite)")
     p.add_argument("--index-root", type=Path, required=True)
     p.add_argument("--world", type=Path, required=True, help="root the image paths are under")
-    p.add_argument("--attribute-vectors", type=int, required=True, metavar="SEED",
-                   help="clustered vectors from catalog attributes (see pipelines/embed.py)")
+    p.add_argument("--attribute-vectors", type=int, default=None, metavar="SEED",
+                   help="model-free vectors from catalog attributes (benchmarks); default: "
+                        "the live index's registered model and catalog treatment")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store of the live model (default: $MLFLOW_TRACKING_URI, else "
+                        "./mlflow.db)")
     p.add_argument("--follow", action="store_true", help="keep polling (default: catch up)")
     p.add_argument("--params", type=Path, default=None)
     p.set_defaults(func=_ingest_cli)
@@ -242,9 +246,18 @@ def add_cli(sub) -> None:
 
 def _ingest_cli(args) -> int:
     from pipelines.embed import attribute_embed_fn, attribute_model_version
+    from pipelines.rollout import catalog_embed_fn
+    from pipelines.run_config import resolve_config
 
-    model_version = attribute_model_version(args.attribute_vectors)
-    embed_fn = attribute_embed_fn(args.world, args.attribute_vectors)
+    if args.attribute_vectors is not None:
+        model_version = attribute_model_version(args.attribute_vectors)
+        embed_fn = attribute_embed_fn(args.world, args.attribute_vectors)
+    else:  # what the live index holds: its model version, detector and pick policy
+        manifest = pointer.live_manifest(args.index_root)
+        model_version = manifest["model_version"]
+        cfg = resolve_config({"world_root": str(args.world), "index_root": str(args.index_root),
+                              "mlflow_tracking_uri": args.tracking_uri})
+        embed_fn = catalog_embed_fn(cfg, model_version, manifest.get("treatment"))
     params = IngestParams.load(args.params)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     indexer = StreamingIndexer(ChangeFeed(args.feed), args.index_root, embed_fn, model_version,

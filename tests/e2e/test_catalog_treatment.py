@@ -110,3 +110,21 @@ def test_rollout_serve_and_ingest_give_a_photo_the_same_vector(tiny_world, tiny_
     assert by_cli.model_version == MODEL and by_cli.treatment == TREATMENT
     np.testing.assert_array_equal(by_cli.item_ids, served.item_ids)
     np.testing.assert_array_equal(by_cli.vectors, served.vectors)
+    # `loupe ingest` without --attribute-vectors: the live index's registered model and
+    # treatment, from the command line (the same feed: its offsets continue)
+    feed = ChangeFeed(Path(cfg.change_feed))
+    feed.append([FeedEvent("updated", r.item_id, r.image_path)
+                 for r in relisted.itertuples(index=False)])
+    feed.close()
+    assert main(["ingest", "--feed", cfg.change_feed, "--index-root",
+                 str(paths.index_root), "--world", str(tiny_world), "--tracking-uri", uri]) == 0
+    delta = DeltaLog(paths.index_root / layout.DELTA_DB, create=False)
+    try:
+        rows = list(delta.rows_after(0))
+    finally:
+        delta.close()
+    latest = {r.item_id: r for r in rows}  # rows come in sequence order
+    assert len(rows) == 2 * len(relisted)
+    assert {latest[i].model_version for i in relisted["item_id"]} == {MODEL}
+    np.testing.assert_array_equal(np.stack([latest[i].vector for i in relisted["item_id"]]),
+                                  served.vectors[[row_of[i] for i in relisted["item_id"]]])
