@@ -7,7 +7,8 @@ module, scikit-learn's sample images, matplotlib's sample photo): one listing pe
 the user's own categories, none of the generated world's style columns, no scenes, no
 boards. The logs are what such a shop would export: 12-slot result grids, a randomised
 share, user query photos that are re-shots (crop, flip, colour cast) of the catalog photos,
-and a rater set judged at category level. It runs `loupe import-catalog` -> validate ->
+and a rater set judged at category level; two catalog rows are bad (a photo that never
+arrived, a missing price) and are dropped and counted. It runs `loupe import-catalog` -> validate ->
 harvest -> train (debiased and naive) -> evaluate (MLflow, registry) -> embed -> build ->
 canary -> cutover, and records what each stage did. No truth/ folder exists, as with real data.
 """
@@ -100,6 +101,9 @@ def build_export(photos: dict[str, tuple[Path, str]], out: Path, seed: int = 0,
                         "category": category[name], "price": 20 + 5 * i,  # integer prices
                         "available": "yes", "region": "eu" if i % 2 else "us",
                         "created_at": (now - timedelta(days=90)).strftime("%Y-%m-%d %H:%M")})
+    # what real exports also hold: a listing whose photo never arrived, one without a price
+    catalog += [{**catalog[0], "item_id": "sku-900", "image_path": "catalog/lost.jpg"},
+                {**catalog[1], "item_id": "sku-901", "price": ""}]
     pd.DataFrame(catalog).to_csv(out / "catalog.csv", index=False)
     shots = {}
     for name in names:
@@ -164,11 +168,12 @@ def run(work: Path, tracking_uri: str | None = None, max_epochs: int = 4) -> dic
     world = work / "world"
     imported = run_import(ImportConfig(export["images"], export["catalog"], world,
                                        export["impressions"], export["rater_queries"],
-                                       export["rater_judgments"]))
+                                       export["rater_judgments"], drop_bad_rows=True))
     validated = validate_world(world)
     # 5 of the 16 products are rater-judged (held out): a 12-slot grid of 16 is ~30 %
-    # held-out products, so the leak guard's share is raised to let sessions train
-    hcfg = HarvestConfig(heldout_shown_share=0.5, bootstrap=100)
+    # held-out products, so the leak guard's share is raised to let sessions train; with 11
+    # trainable products, up to 30 % of them validate so epochs are ranked on more pairs
+    hcfg = HarvestConfig(heldout_shown_share=0.5, max_val_share=0.3, bootstrap=100)
     harvested = harvest(world, work / "harvest", hcfg)
     summary = json.loads((work / "harvest" / "harvest.json").read_text())
     write_report(harvested, world, work / "reports")

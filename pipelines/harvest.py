@@ -56,6 +56,11 @@ class HarvestConfig:
     max_cosave_pairs_per_board: int = 12
     self_normalise: bool = True  # engagement weights averaged to 1 (see module docstring)
     val_share: float = 0.1  # share of non-held-out products used for early stopping
+    # fewer validation pairs rank epochs on little evidence (a loud warning); raising
+    # max_val_share above val_share lets more products validate (lowest draws first) until
+    # there are this many val pairs or max_val_share of the trainable products validate
+    min_val_pairs: int = 200
+    max_val_share: float = 0.1
     eval_days: float = 14.0  # sessions in the last N days of logs are evaluation only
     heldout_shown_share: float = 0.2  # grid share of held-out products that marks a session
     bootstrap: int = 200
@@ -345,12 +350,18 @@ def harvest(world: Path, out_dir: Path, cfg: HarvestConfig | None = None,
     prop = estimate_propensity(impressions, cfg)
     cutoff = impressions["ts"].max() - pd.Timedelta(days=cfg.eval_days)
     product_split = assign_product_splits(catalog, judgments, cfg)
-    item_split = catalog.set_index("item_id")["product_id"].map(product_split)
-    side, fate = _session_sides(impressions, item_split, cutoff, cfg.heldout_shown_share)
+    while True:  # grow the validation products until the val pairs can rank epochs
+        item_split = catalog.set_index("item_id")["product_id"].map(product_split)
+        side, fate = _session_sides(impressions, item_split, cutoff, cfg.heldout_shown_share)
+        debiased = build_pairs(impressions, catalog, boards, side, product_split, prop, cutoff,
+                               cfg)
+        grown = _grow_validation(product_split, debiased, cfg)
+        if grown is None:
+            break
+        product_split = grown
     fates = {k: int(fate.eq(k).sum()) for k in SESSION_FATES}
     _warn_about_guards(fates)
 
-    debiased = build_pairs(impressions, catalog, boards, side, product_split, prop, cutoff, cfg)
     _require_trainable(debiased, product_split, fates)
     naive = build_pairs(impressions, catalog, boards, side, product_split, prop, cutoff, cfg,
                         naive=True)
@@ -378,6 +389,31 @@ def harvest(world: Path, out_dir: Path, cfg: HarvestConfig | None = None,
         (tmp / "harvest.json").write_text(json.dumps(summary, indent=1))
     return HarvestResult(out_dir, prop, summary["pairs_by_split_and_source"], cutoff.isoformat(),
                          round(time.perf_counter() - t0, 2), cfg)
+
+
+def _grow_validation(product_split: pd.Series, pairs: pd.DataFrame, cfg: HarvestConfig
+                     ) -> pd.Series | None:
+    """Twice the validation products (adding the train products with the lowest draws)
+    while the val pairs are fewer than `min_val_pairs` and the cap allows; None when done."""
+    n_val_pairs = int((pairs["split"] == "val").sum())
+    trainable = product_split[product_split != "test"]
+    n_val = int((trainable == "val").sum())
+    if (n_val_pairs >= cfg.min_val_pairs or cfg.val_share <= 0
+            or n_val + 1 > cfg.max_val_share * len(trainable)):
+        if n_val_pairs < cfg.min_val_pairs:
+            log.warning("only %d validation pairs (harvest.min_val_pairs %d) with %d of %d "
+                        "trainable products validating (harvest.max_val_share): epochs are "
+                        "ranked on little evidence", n_val_pairs, cfg.min_val_pairs, n_val,
+                        len(trainable))
+        return None
+    train = trainable[trainable == "train"]
+    if train.empty:
+        return None
+    u = pd.Series(_stable_unit(pd.Series(train.index), cfg.seed), index=train.index)
+    add = min(max(1, n_val), int(cfg.max_val_share * len(trainable)) - n_val)
+    grown = product_split.copy()
+    grown[u.sort_values(kind="stable").index[:add]] = "val"
+    return grown
 
 
 def _warn_about_guards(fates: dict[str, int]) -> None:

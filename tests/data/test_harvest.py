@@ -225,3 +225,19 @@ def test_every_session_has_a_fate_and_the_guards_are_counted(harvested):
     assert (fates["engaged_heldout"] + fates["shown_heldout"] + fates["no_engagement"]
             == sides.get("drop", 0))
     assert fates["shown_heldout"] > 0  # the leak guard is visible, not silent
+
+
+def test_validation_grows_to_rank_epochs_when_allowed(harvested, tiny_world, tmp_path):
+    """Issue 16: a session validates only when it engaged validation products alone, so the
+    val split can be too small to rank epochs. By default that is a loud warning; with
+    max_val_share above val_share more products validate, the lowest draws first."""
+    base = _pairs(harvested)["split"].value_counts()
+    assert base["val"] < HarvestConfig().min_val_pairs
+    grown = harvest(tiny_world, tmp_path / "grown", HarvestConfig(max_val_share=0.3))
+    pairs = _pairs(grown)["split"].value_counts()
+    splits = pd.read_parquet(grown.out_dir / "splits.parquet")["split"].value_counts()
+    assert pairs["val"] > 2 * base["val"]
+    assert splits["val"] <= 0.3 * (splits["val"] + splits["train"])
+    old = pd.read_parquet(harvested.out_dir / "splits.parquet").set_index("product_id")["split"]
+    new = pd.read_parquet(grown.out_dir / "splits.parquet").set_index("product_id")["split"]
+    assert (new[old == "val"] == "val").all() and (new[old == "test"] == "test").all()

@@ -92,7 +92,9 @@ def test_real_photo_shop_runs_every_stage(tmp_path):
     report = run(tmp_path, max_epochs=3)
     assert report["import"]["rows"]["catalog"] == len(REAL_PHOTOS)
     assert report["import"]["rows"]["impressions"] == SESSIONS * GRID
-    assert report["import"]["refused"] == {} and all(report["validate"].values())
+    assert report["import"]["refused"] == {"catalog": {"photo file missing": 1,
+                                                      "price is empty": 1}}
+    assert all(report["validate"].values())
     assert any("read as UTC" in c for c in report["import"]["coerced"])
     harvest = report["harvest"]
     assert harvest["propensity_depth"] == GRID and harvest["randomised_sessions"] >= 100
