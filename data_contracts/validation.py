@@ -56,13 +56,26 @@ class ExpectationFailure:
     observed: Any = None  # aggregate expectations: the value GE observed
     error: str | None = None  # the expectation could not run (e.g. a column is missing)
 
+    def hint(self) -> str:
+        """How to fix what real exports most often get wrong (pandas' defaults)."""
+        if self.expectation == "expect_column_values_to_be_of_type":
+            want = self.constraint.removeprefix("type_=")
+            if want == "Timestamp":
+                want = "a timestamp with a time zone (Series.dt.tz_localize('UTC'))"
+            return (f"; write the column as {want}, or let `loupe import-catalog` convert "
+                    "integer prices, 0/1 flags and timestamps without a zone")
+        if self.expectation == "expect_column_to_exist":
+            return ("; the schemas are in data_contracts/schemas.py, and `loupe "
+                    "import-catalog` fills the optional catalog columns")
+        return ""
+
     def line(self) -> str:
         target = f"({self.column})" if self.column else ""
         head = f"{self.expectation}{target}" + (f" [{self.constraint}]" if self.constraint else "")
         if self.error:
             return f"{head}: error: {self.error}"
         if self.unexpected_count is None:
-            return f"{head}: observed {self.observed!r}"
+            return f"{head}: observed {self.observed!r}{self.hint()}"
         rows = "row" if self.unexpected_count == 1 else "rows"
         text = f"{head}: {self.unexpected_count} {rows} ({self.unexpected_percent:.3g}%)"
         return text + (f", e.g. {', '.join(map(_example, self.examples))}" if self.examples else "")

@@ -309,3 +309,19 @@ def test_missing_photos_and_unknown_rater_queries_are_refused_by_row(tables):
     path = _write(judgments, tables / "rater_judgments.parquet", schemas.RATER_JUDGMENTS)
     with pytest.raises(ContractViolation, match="rater_query_id_not_in_rater_queries"):
         validate_table("rater_judgments", path, quarantine_dir=None, docs_dir=None, now=NOW)
+
+
+def test_pandas_defaults_get_a_fix_in_the_message(tables):
+    """Issue 16: integer prices, naive timestamps and a missing style column failed with
+    messages that did not say the fix."""
+    catalog = _read(tables, "catalog")
+    catalog["price"] = catalog["price"].round().astype("int64")
+    catalog["created_at"] = catalog["created_at"].dt.tz_localize(None)
+    catalog.drop(columns=["palette"]).to_parquet(tables / "catalog.parquet", index=False)
+    with pytest.raises(ContractViolation) as caught:
+        validate_table("catalog", tables / "catalog.parquet", quarantine_dir=None,
+                       docs_dir=None, now=NOW)
+    text = str(caught.value)
+    assert "observed 'int64'; write the column as float64" in text
+    assert "tz_localize('UTC')" in text and "import-catalog" in text
+    assert "expect_column_to_exist(palette)" in text and "data_contracts/schemas.py" in text
