@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data_contracts import schemas
 from data_contracts.constants import GRID_SIZE, RANDOMISED_POLICY
 from data_contracts.durable import atomic_dir, write_text_atomic
 
@@ -326,6 +327,8 @@ def _validated(world: Path, quarantine_dir: Path | None, docs_dir: Path | None) 
 
     tables = world / "tables"
     for name in ("catalog", "impressions", "boards", "rater_judgments"):
+        if name == "boards" and not (tables / "boards.parquet").exists():
+            continue  # optional: a shop without boards has no co-save pairs
         validate_table(name, tables / f"{name}.parquet", quarantine_dir=quarantine_dir,
                        docs_dir=docs_dir)
 
@@ -344,7 +347,8 @@ def harvest(world: Path, out_dir: Path, cfg: HarvestConfig | None = None,
     tables = world / "tables"
     impressions = pd.read_parquet(tables / "impressions.parquet")
     catalog = pd.read_parquet(tables / "catalog.parquet")
-    boards = pd.read_parquet(tables / "boards.parquet")
+    boards = (pd.read_parquet(tables / "boards.parquet") if (tables / "boards.parquet").exists()
+              else schemas.BOARDS.empty_table().to_pandas())
     judgments = pd.read_parquet(tables / "rater_judgments.parquet")
 
     prop = estimate_propensity(impressions, cfg)

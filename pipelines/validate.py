@@ -12,6 +12,10 @@ from data_contracts import schemas
 from data_contracts.durable import write_json_atomic
 from data_contracts.validation import ContractViolation, ValidationReport, validate_table
 
+# tables a world may lack: boards (no co-save pairs), scenes and their objects (no detector
+# training), embeddings (none computed yet)
+OPTIONAL_TABLES = frozenset({"boards", "scenes", "scene_objects", "embeddings"})
+
 
 def validate_world(root: Path, *, quarantine_dir: Path | None = None,
                    docs_dir: Path | None = None, now: datetime | None = None
@@ -20,7 +24,7 @@ def validate_world(root: Path, *, quarantine_dir: Path | None = None,
 
     The catalog is the reference for item ids, so a broken catalog stops at once; the other
     tables are all checked, and every failing one is quarantined before one
-    `ContractViolation` names them all. Embeddings are checked when the world has them.
+    `ContractViolation` names them all. OPTIONAL_TABLES are checked when the world has them.
     """
     tables = Path(root) / "tables"
     catalog = tables / "catalog.parquet"
@@ -29,7 +33,7 @@ def validate_world(root: Path, *, quarantine_dir: Path | None = None,
     failed: list[ValidationReport] = []
     for table in schemas.TABLES:
         path = tables / f"{table}.parquet"
-        if table == "catalog" or (table == "embeddings" and not path.exists()):
+        if table == "catalog" or (table in OPTIONAL_TABLES and not path.exists()):
             continue
         try:
             reports.append(validate_table(table, path, catalog_path=catalog, **kw))

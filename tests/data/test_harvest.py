@@ -241,3 +241,16 @@ def test_validation_grows_to_rank_epochs_when_allowed(harvested, tiny_world, tmp
     old = pd.read_parquet(harvested.out_dir / "splits.parquet").set_index("product_id")["split"]
     new = pd.read_parquet(grown.out_dir / "splits.parquet").set_index("product_id")["split"]
     assert (new[old == "val"] == "val").all() and (new[old == "test"] == "test").all()
+
+
+def test_a_world_without_boards_or_scenes_harvests(tiny_world, tmp_path):
+    """Issue 16: boards, scenes and scene_objects had to exist; a shop has none of them."""
+    from pipelines.validate import validate_world
+
+    world = _copy_world(tiny_world, tmp_path / "w")
+    for name in ("boards", "scenes", "scene_objects"):
+        (world / "tables" / f"{name}.parquet").unlink()
+    assert {r.table for r in validate_world(world)} == {
+        "catalog", "impressions", "rater_queries", "rater_judgments"}
+    res = harvest(world, tmp_path / "out", HarvestConfig(bootstrap=20))
+    assert "cosave" not in set(_pairs(res)["source"]) and len(_pairs(res)) > 100
