@@ -62,6 +62,11 @@ KEY_COLUMNS: dict[str, tuple[str, ...]] = {
 PHOTO_COLUMNS = {"catalog": "image_path", "impressions": "query_image_path",
                  "rater_queries": "image_path", "scenes": "image_path"}
 
+# columns a table may omit, and what they read as then: the generated world's style
+# attributes mean nothing to a real catalog (only model-free attribute vectors use them)
+OPTIONAL_COLUMNS: dict[str, dict[str, str]] = {
+    "catalog": {"shape_family": "", "palette": "", "pattern": "", "material": ""}}
+
 # derived columns (added by `add_derived_columns`)
 ROW = "row"  # position of the row in the file (0-based, as pandas reads it): named in examples
 UNKNOWN_ITEM = "item_id_not_in_catalog"  # the item_id where the catalog lacks it, else null
@@ -192,6 +197,10 @@ def add_derived_columns(table: str, frame: pd.DataFrame, arrow: pa.Table,
     table outside a world's tables/ folder) that check has nothing to report.
     """
     names = set(arrow.column_names)
+    for column, default in OPTIONAL_COLUMNS.get(table, {}).items():
+        if column not in names:
+            frame[column] = pd.Series(default, index=frame.index, dtype=frame["item_id"].dtype
+                                      if "item_id" in frame else object)
     frame[ROW] = np.arange(len(frame))
     column = PHOTO_COLUMNS.get(table)
     if column in names:

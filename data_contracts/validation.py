@@ -66,7 +66,7 @@ class ExpectationFailure:
                     "integer prices, 0/1 flags and timestamps without a zone")
         if self.expectation == "expect_column_to_exist":
             return ("; the schemas are in data_contracts/schemas.py, and `loupe "
-                    "import-catalog` fills the optional catalog columns")
+                    "import-catalog` fills the catalog columns a shop may not have")
         return ""
 
     def line(self) -> str:
