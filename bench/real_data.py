@@ -29,6 +29,8 @@ from PIL import Image, ImageOps
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from data_contracts.constants import RANDOMISED_POLICY, RANKER_POLICY  # noqa: E402
+
 # real photographs installed packages ship: file -> (package, path inside it, category)
 REAL_PHOTOS = {
     "astronaut.png": ("skimage", "data/astronaut.png", "portrait"),
@@ -131,7 +133,7 @@ def build_export(photos: dict[str, tuple[Path, str]], out: Path, seed: int = 0,
                 "query_id": f"q-{s:05d}", "query_image_path": query, "query_x0": 0.0,
                 "query_y0": 0.0, "query_x1": 1.0, "query_y1": 1.0,
                 "item_id": item_of[names[j]], "position": pos,
-                "logging_policy": "shuffle_top20" if randomised else "ranker",
+                "logging_policy": RANDOMISED_POLICY if randomised else RANKER_POLICY,
                 "ranker_score": float(relevance[j]), "clicked": clicked,
                 "saved": clicked and bool(rng.random() < 0.2)})
     pd.DataFrame(rows).to_parquet(out / "impressions.parquet", index=False)  # naive ts
