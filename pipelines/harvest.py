@@ -402,7 +402,7 @@ def _grow_validation(product_split: pd.Series, pairs: pd.DataFrame, cfg: Harvest
     n_val_pairs = int((pairs["split"] == "val").sum())
     trainable = product_split[product_split != "test"]
     n_val = int((trainable == "val").sum())
-    if (n_val_pairs >= cfg.min_val_pairs or cfg.val_share <= 0
+    if (n_val_pairs >= cfg.min_val_pairs or cfg.max_val_share <= cfg.val_share
             or n_val + 1 > cfg.max_val_share * len(trainable)):
         if n_val_pairs < cfg.min_val_pairs:
             log.warning("only %d validation pairs (harvest.min_val_pairs %d) with %d of %d "
