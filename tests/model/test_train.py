@@ -249,3 +249,16 @@ def test_tuned_blocks_train(tiny_world, tiny_harvest, tmp_path):
     assert torch.equal(trained.frozen[0].weight, start.frozen[0].weight)
     assert not torch.equal(trained.tuned[0]._project_conv.weight,
                            start.tuned[0]._project_conv.weight)
+
+
+def test_selection_without_validation_pairs_says_so(tiny_world, tiny_harvest, cache_dir,
+                                                    tmp_path):
+    """Issue 16: with no validation pairs the epochs were ranked on training pairs without a
+    word; train.json and the log now say so, and still name the chosen epoch."""
+    pairs = pd.read_parquet(_pairs(tiny_harvest)).assign(split="train")
+    pairs.to_parquet(tmp_path / "pairs.parquet", index=False)
+    res = train(tiny_world, tmp_path / "pairs.parquet", tmp_path / "run",
+                TrainConfig(**{**FAST, "max_epochs": 2, "patience": 100}), cache_dir)
+    assert res.metrics["n_pairs_val"] == 0
+    assert "no validation pairs" in res.metrics["selection_note"]
+    assert res.metrics["best_epoch"] in (0, 1)
