@@ -7,14 +7,14 @@ STAMP := $(VENV)/.installed-stamp
 # this machine's pip config names local indexes that may be absent: keep their noise out
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither" >&2)
 
-.PHONY: venv browser demo test test-fast bench lint clean-demo
+.PHONY: venv browser real-photos demo test test-fast bench lint clean-demo
 
 # constraints.txt pins every resolved version, so each machine gets the same install
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade -c constraints.txt pip $(PIP_QUIET)
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 $(PIP_QUIET)
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' $(PIP_QUIET)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,coco]' $(PIP_QUIET)
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -30,8 +30,12 @@ browser:
 	            apt-get install -y -q chromium >/dev/null; }; }; } \
 	  || echo "chromium missing: tests/e2e/test_web_demo.py will fail (apt-get install chromium)"
 
+# real photographs Debian packages ship (darknet, opencv-doc) -> .cache/real_photos
+real-photos: venv
+	$(PY) bench/real_photos.py > /dev/null
+
 # ruff first: a lint error fails fast, before the multi-minute suites
-test: lint browser
+test: lint browser real-photos
 	$(PY) -m pytest -q
 
 test-fast: lint

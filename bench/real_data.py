@@ -16,7 +16,6 @@ canary -> cutover, and records what each stage did. No truth/ folder exists, as 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from datetime import UTC, datetime, timedelta
@@ -29,27 +28,11 @@ from PIL import Image, ImageOps
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.real_photos import REAL_DATA_PHOTOS  # noqa: E402
+from bench.real_photos import real_photos as _all_real_photos  # noqa: E402
 from data_contracts.constants import RANDOMISED_POLICY, RANKER_POLICY  # noqa: E402
 
-# real photographs installed packages ship: file -> (package, path inside it, category)
-REAL_PHOTOS = {
-    "astronaut.png": ("skimage", "data/astronaut.png", "portrait"),
-    "grace_hopper.jpg": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg", "portrait"),
-    "chelsea.png": ("skimage", "data/chelsea.png", "animal"),
-    "coffee.png": ("skimage", "data/coffee.png", "tableware"),
-    "rocket.jpg": ("skimage", "data/rocket.jpg", "vehicle"),
-    "motorcycle_left.png": ("skimage", "data/motorcycle_left.png", "vehicle"),
-    "motorcycle_right.png": ("skimage", "data/motorcycle_right.png", "vehicle"),
-    "china.jpg": ("sklearn", "datasets/images/china.jpg", "scenery"),
-    "flower.jpg": ("sklearn", "datasets/images/flower.jpg", "plant"),
-    "retina.jpg": ("skimage", "data/retina.jpg", "science"),
-    "hubble_deep_field.jpg": ("skimage", "data/hubble_deep_field.jpg", "science"),
-    "ihc.png": ("skimage", "data/ihc.png", "science"),
-    "color.png": ("skimage", "data/color.png", "science"),
-    "brick.png": ("skimage", "data/brick.png", "texture"),
-    "grass.png": ("skimage", "data/grass.png", "texture"),
-    "gravel.png": ("skimage", "data/gravel.png", "texture"),
-}
+REAL_PHOTOS = REAL_DATA_PHOTOS  # the PyPI photos this shop lists
 GRID = 12  # the shop's result grid
 RATER_QUERIES = ("rocket.jpg", "grace_hopper.jpg")  # judged at category level
 RESHOTS = 4  # user photos per product
@@ -59,14 +42,8 @@ DAYS = 60
 
 
 def real_photos() -> dict[str, tuple[Path, str]]:
-    """name -> (file, category) of every photo in REAL_PHOTOS, from the installed packages."""
-    out = {}
-    for name, (package, rel, category) in REAL_PHOTOS.items():
-        path = Path(importlib.import_module(package).__file__).parent / rel
-        if not path.is_file():
-            raise FileNotFoundError(f"{package} no longer ships {rel}")
-        out[name] = (path, category)
-    return out
+    """name -> (file, category) of this shop's photos, from the installed packages."""
+    return _all_real_photos(REAL_PHOTOS)
 
 
 def _reshot(photo: Path, rng: np.random.Generator) -> Image.Image:

@@ -433,3 +433,20 @@ class ExportedDetector:
         threshold = self.spec["score_threshold"] if score_threshold is None else score_threshold
         return postprocess(self.raw(batch), len(self.categories), threshold,
                            self.spec["iou_threshold"], self.spec["max_detections"])
+
+
+def load_detector(export_dir: Path, threads: int = 1):
+    """Either detector kind from its export directory, by the spec's `kind`: the trained
+    CenterNet (`ExportedDetector`, no kind recorded) or the pretrained COCO SSD
+    (`models.coco_detector.CocoDetector`). Triton, the catalog treatment and evaluation load
+    through this, so a registered version is served the same way whichever kind it is."""
+    from models.coco_detector import KIND as COCO_KIND
+
+    spec_path = Path(export_dir) / SPEC_FILE
+    if not spec_path.is_file():
+        raise FileNotFoundError(f"exported detector incomplete: {spec_path}")
+    if json.loads(spec_path.read_text()).get("kind") == COCO_KIND:
+        from models.coco_detector import CocoDetector
+
+        return CocoDetector(Path(export_dir), threads=threads)
+    return ExportedDetector(Path(export_dir), threads=threads)

@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("pipelines.world.cli", "generate the demo product world (known ground truth)"),
     "import-catalog": ("pipelines.import_catalog", "a folder of photos + a catalog table -> "
                                                    "a world (the real-data entry point)"),
+    "bootstrap": ("pipelines.bootstrap", "cold start: frozen champion + pretrained detector "
+                                         "-> a live index, no logs or training needed"),
     "validate": ("pipelines.validate", "check a table (or a whole world) against its contract"),
     "harvest": ("pipelines.harvest", "engagement pairs with position-bias correction + splits"),
     "demo": ("pipelines.demo", "demo world -> retrain DAG -> rollout DAG, then where to look"),

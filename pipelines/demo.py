@@ -16,8 +16,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipelines.config import load_section
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _world(size: str, seed: int, root: Path) -> Path:
@@ -85,7 +89,7 @@ def _detector(cfg, params: Path) -> None:
           f"in {time.perf_counter() - t0:.0f} s")
 
 
-def _serve(cfg, harvest_dir: Path) -> None:
+def _serve(cfg, harvest_dir: Path | None) -> None:
     """Triton + shard replicas + API over what the rollout made live (its index and the
     Triton repository it installed the model into), until Ctrl-C: the served embedder is the
     live index's model version, so query and catalog vectors never come from two models."""
@@ -144,10 +148,80 @@ def run_demo(root: Path, params: Path | None = None, serve: bool = True) -> dict
     return {"world": str(world), "retrain": result, "rollout": live}
 
 
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+NO_CATEGORY = "uncategorised"
+
+
+def catalog_from_folder(photos: Path) -> pd.DataFrame:
+    """A catalog table for a folder of photos: one listing per photo, its category the
+    sub-folder it sits in (else "uncategorised"); a folder knows no prices, so price 0."""
+    import pandas as pd
+
+    from pipelines.run_config import slug
+
+    photos = Path(photos)
+    if not photos.is_dir():
+        raise FileNotFoundError(f"--catalog {photos}: not a directory of photos")
+    files = sorted(p for p in photos.rglob("*") if p.is_file()
+                   and p.suffix.lower() in PHOTO_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise ValueError(f"--catalog {photos}: no photos ({', '.join(PHOTO_SUFFIXES)}) in it")
+    rows = []
+    for f in files:
+        rel = f.relative_to(photos)
+        rows.append({"item_id": slug(str(rel.with_suffix(""))), "image_path": str(rel),
+                     "category": rel.parts[0] if len(rel.parts) > 1 else NO_CATEGORY,
+                     "price": 0.0, "available": True, "region": "any"})
+    table = pd.DataFrame(rows)
+    dupes = table["item_id"][table["item_id"].duplicated()]
+    if len(dupes):
+        raise ValueError(f"--catalog {photos}: photos {sorted(set(dupes))} differ only in "
+                         "extension or punctuation; rename one")
+    return table
+
+
+def run_photo_demo(root: Path, photos: Path, serve: bool = True) -> dict:
+    """A folder of real photos -> import -> pretrained COCO detector -> frozen champion ->
+    rollout -> the serving stack: a searchable shop with no logs and no training. Its
+    world, runs and MLflow store are its own (data/<name>, runs/<name>), apart from the
+    generated demo's."""
+    from pipelines.bootstrap import config_for_world, run_bootstrap
+    from pipelines.import_catalog import ImportConfig, run_import
+    from pipelines.run_config import slug
+
+    root, photos = Path(root).resolve(), Path(photos).resolve()
+    name = f"photos-{slug(photos.name)}"
+    world, runs = root / "data" / name, root / "runs" / name
+    table = catalog_from_folder(photos)
+    if (world / "tables" / "catalog.parquet").is_file():
+        print(f"[import] reusing {world} (delete it to import {photos} again)")
+    else:
+        t0 = time.perf_counter()
+        runs.mkdir(parents=True, exist_ok=True)
+        table.to_csv(runs / "catalog_from_folder.csv", index=False)
+        imported = run_import(ImportConfig(photos, runs / "catalog_from_folder.csv", world,
+                                           drop_bad_rows=True))
+        print(f"[import] {imported.rows['catalog']} listings from {photos} in "
+              f"{time.perf_counter() - t0:.0f} s; refused {imported.refused or 'none'}")
+    cfg = config_for_world(world, runs, f"sqlite:///{runs / 'mlflow.db'}")
+    t0 = time.perf_counter()
+    result = run_bootstrap(cfg)
+    print(f"[bootstrap] {result.model_version} (frozen pretrained) + {result.detector_version} "
+          f"(COCO SSD) -> index {result.index_version} in {time.perf_counter() - t0:.0f} s")
+    if serve:
+        _serve(cfg, None)
+    return {"world": str(world), "bootstrap": result.__dict__}
+
+
 def add_cli(sub) -> None:
     p = sub.add_parser("demo", help="demo world -> retrain DAG -> rollout DAG, then where to look")
     p.add_argument("--root", type=Path, default=Path.cwd())
     p.add_argument("--params", type=Path, default=None)
+    p.add_argument("--catalog", type=Path, default=None,
+                   help="a folder of your photos (sub-folders = categories): cold-started "
+                        "with the pretrained detector and frozen embedder instead of the "
+                        "generated world")
     p.add_argument("--no-serve", dest="serve", action="store_false",
                    help="stop after the rollout instead of starting the serving stack")
-    p.set_defaults(func=lambda a: run_demo(a.root, a.params, a.serve) and 0)
+    p.set_defaults(func=lambda a: (run_photo_demo(a.root, a.catalog, a.serve) if a.catalog
+                                   else run_demo(a.root, a.params, a.serve)) and 0)

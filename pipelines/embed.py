@@ -384,10 +384,11 @@ class CatalogTreatment:
 
     It is the query path's treatment (the search page offers the salient box of the user's
     photo), so a catalog vector and a query vector describe the same kind of thing: one
-    object. `detector` has `detect(images)` and `categories` (models.detector
-    .ExportedDetector); `embedder` is what `models.embedder.embed_images` runs. Boxes given
-    by the caller (a rater query's box) skip detection. `categories` maps image path ->
-    listing category for the policy's "category" rule.
+    object. `detector` has `detect(images)` and `categories` (either kind
+    `models.detector.load_detector` reads); `embedder` is what
+    `models.embedder.embed_images` runs. Boxes given by the caller (a rater query's box) skip
+    detection. `categories` maps image path -> listing category for the policy's "category"
+    rule.
     """
 
     embedder: Any
@@ -433,7 +434,7 @@ def catalog_treatment(embedder_dir: Path, detector_dir: Path, root: Path,
     """The catalog treatment over a model version's exported embedder and detector (the files
     Triton serves), the one way catalog photos become that version's vectors. No `policy`:
     the query path's rule (`PickPolicy()`: the salient box, else the whole photo)."""
-    from models.detector import ExportedDetector, PickPolicy
+    from models.detector import PickPolicy, load_detector
     from models.export import ExportedEmbedder
 
     policy = PickPolicy() if policy is None else policy
@@ -444,7 +445,7 @@ def catalog_treatment(embedder_dir: Path, detector_dir: Path, root: Path,
                                 columns=["image_path", "category"]).to_pandas()
         categories = dict(zip(catalog["image_path"], catalog["category"], strict=True))
     return CatalogTreatment(ExportedEmbedder(Path(embedder_dir), threads=threads),
-                            ExportedDetector(Path(detector_dir), threads=threads), Path(root),
+                            load_detector(Path(detector_dir), threads=threads), Path(root),
                             detector_version, policy, categories, batch_size)
 
 

@@ -47,8 +47,11 @@ def build_item_features(catalog: pd.DataFrame, impressions: pd.DataFrame,
     return feats[FEATURE_COLUMNS].reset_index(drop=True)
 
 
-def write_item_features(world: Path, harvest_dir: Path, out: Path) -> Path:
-    theta = json.loads((Path(harvest_dir) / "harvest.json").read_text())["propensity"]["theta"]
+def write_item_features(world: Path, harvest_dir: Path | None, out: Path) -> Path:
+    """The feature table; with no harvest (a cold-started catalog, no logs yet) every item
+    has zero examinations and the re-ranker ranks on similarity, availability and region."""
+    theta = [] if harvest_dir is None else json.loads(
+        (Path(harvest_dir) / "harvest.json").read_text())["propensity"]["theta"]
     feats = build_item_features(pd.read_parquet(Path(world) / "tables/catalog.parquet"),
                                 pd.read_parquet(Path(world) / "tables/impressions.parquet"),
                                 theta)

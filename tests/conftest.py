@@ -100,6 +100,15 @@ def real_photos() -> dict[str, tuple[Path, str]]:
 
 
 @pytest.fixture(scope="session")
+def every_real_photo() -> dict[str, tuple[Path, str]]:
+    """Every photo of bench/real_photos.py: the PyPI ones and those Debian packages ship
+    (darknet, opencv-doc; fetched once into .cache/real_photos by `make real-photos`)."""
+    from bench.real_photos import real_photos
+
+    return real_photos()
+
+
+@pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:
     """The tiny world (seed 0), generated once per test session; treat it as read-only."""
     out = tmp_path_factory.mktemp("world") / "tiny"

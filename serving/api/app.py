@@ -202,11 +202,22 @@ async def demo_page():
     return HTMLResponse((STATIC / "demo.html").read_text())
 
 
+IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
+               ".webp": "image/webp"}
+
+
 @demo_router.get("/v1/demo-photos")
 async def demo_photos(state: State, n: int = 12):
+    """Room scenes to tap objects in; a shop without scenes (an imported catalog) offers its
+    own catalog photos, which hold real objects the detector finds."""
     world = Path(state.settings.world_root)
-    scenes = sorted((world / "images/scenes").glob("*.jpg"))[: max(0, min(n, 50))]
-    return {"photos": [f"/world/images/scenes/{p.name}" for p in scenes]}
+    n = max(0, min(n, 50))
+    for folder in ("images/scenes", "images/catalog"):
+        photos = sorted(p for p in (world / folder).rglob("*") if p.suffix in IMAGE_TYPES)
+        if photos:
+            return {"photos": [f"/world/{p.relative_to(world).as_posix()}"
+                               for p in photos[:n]]}
+    return {"photos": []}
 
 
 @demo_router.get("/world/{path:path}")
@@ -214,13 +225,13 @@ async def images(state: State, path: str):
     world = Path(state.settings.world_root)
     try:
         target = (world / path).resolve()
-        found = target.is_relative_to(world.resolve()) and target.suffix == ".jpg" \
+        found = target.is_relative_to(world.resolve()) and target.suffix in IMAGE_TYPES \
             and target.is_file()
     except (ValueError, OSError):  # a NUL byte, a name too long for the file system
         found = False
     if not found:
         raise HTTPException(404, f"no image {path[:200]!r}")
-    return FileResponse(target, media_type="image/jpeg")
+    return FileResponse(target, media_type=IMAGE_TYPES[target.suffix])
 
 
 # --------------------------------------------------------------------------- app

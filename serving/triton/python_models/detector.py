@@ -1,10 +1,11 @@
 """Triton python-backend model `detector`: encoded image -> boxes, scores, labels.
 
-Decoding uses the shared limits (`models.preprocessing.decode_image`); the graph and the
-CenterNet decode + NMS are `models.detector.ExportedDetector`, as in offline evaluation and
-the catalog indexer. Dynamic batching merges concurrent requests (one image each) into one
-onnxruntime batch; boxes are normalised to each original image, the coordinate system the
-API and the embedder share. A bad image fails only its own request ("BadImage: ...").
+Decoding uses the shared limits (`models.preprocessing.decode_image`); the detector is
+`models.detector.load_detector` (the trained CenterNet graph + decode + NMS, or the
+pretrained COCO SSD), as in offline evaluation and the catalog indexer. Dynamic batching
+merges concurrent requests (one image each) into one batch; boxes are normalised to each
+original image, the coordinate system the API and the embedder share. A bad image fails
+only its own request ("BadImage: ...").
 """
 
 import json
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from models.detector import ExportedDetector
+from models.detector import load_detector
 from models.preprocessing import BadImage, decode_image
 
 
@@ -26,7 +27,7 @@ class TritonPythonModel:
     def initialize(self, args):
         version_dir = Path(args["model_repository"]) / args["model_version"]
         threads = int(_param(args, "ORT_THREADS", "1"))
-        self.detector = ExportedDetector(version_dir, threads=threads)
+        self.detector = load_detector(version_dir, threads=threads)
         meta = json.loads((version_dir / "loupe.json").read_text())
         self.loupe_version = meta["detector_version"]
 
