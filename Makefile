@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # this machine's pip config names local indexes that may be absent: keep their noise out
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither" >&2)
 
-.PHONY: venv browser real-photos demo test test-fast bench lint clean-demo
+.PHONY: venv browser real-photos demo demo-photos test test-fast bench lint clean-demo
 
 # constraints.txt pins every resolved version, so each machine gets the same install
 $(STAMP): pyproject.toml constraints.txt
@@ -21,6 +21,12 @@ venv: $(STAMP)
 
 demo: venv
 	$(VENV)/bin/loupe demo
+
+# a folder of real photos, searchable with no logs or training (pretrained detector, frozen
+# champion): CATALOG=DIR for yours, else the photos packages ship (make real-photos)
+demo-photos: venv real-photos
+	$(if $(CATALOG),,$(PY) bench/real_photos.py --folder data/real-photos > /dev/null)
+	$(VENV)/bin/loupe demo --catalog $(or $(CATALOG),data/real-photos)
 
 # the web demo test drives Debian's chromium; install it when we may (root + apt)
 browser:

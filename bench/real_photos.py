@@ -7,10 +7,12 @@ fetches with `apt-get download` and unpacks, only the listed files, into .cache/
 nothing is installed system-wide. Each photo has the shop category it would be listed under.
 
     .venv/bin/python bench/real_photos.py          # fetch the Debian photos, list every photo
+    .venv/bin/python bench/real_photos.py --folder data/real-photos   # a shop's photo folder
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import shutil
 import subprocess
@@ -152,11 +154,25 @@ def real_photos(names: list[str] | tuple[str, ...] | None = None
     return {n: (photo_path(n), PHOTOS[n][3]) for n in (names or list(PHOTOS))}
 
 
+def write_folder(out: Path) -> Path:
+    """Every photo copied into `out/<category>/<name>`: the folder a shop would hand
+    `loupe demo --catalog` (sub-folders are categories)."""
+    for name, (path, category) in real_photos().items():
+        (Path(out) / category).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, Path(out) / category / name)
+    return Path(out)
+
+
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--folder", type=Path, default=None,
+                    help="also copy every photo into FOLDER/<category>/")
+    args = ap.parse_args()
     fetch_debian()
     for name, (path, category) in real_photos().items():
         print(f"{name:24s} {category:10s} {path}")
-    print(f"{len(PHOTOS)} real photos", file=sys.stderr)
+    if args.folder:
+        print(f"{len(PHOTOS)} real photos -> {write_folder(args.folder)}", file=sys.stderr)
     return 0
 
 

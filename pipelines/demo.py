@@ -154,7 +154,8 @@ NO_CATEGORY = "uncategorised"
 
 def catalog_from_folder(photos: Path) -> pd.DataFrame:
     """A catalog table for a folder of photos: one listing per photo, its category the
-    sub-folder it sits in (else "uncategorised"); a folder knows no prices, so price 0."""
+    sub-folder it sits in (else "uncategorised"); a folder knows no prices, so each listing
+    is priced 1.0 (import a catalog table, `loupe import-catalog`, for real ones)."""
     import pandas as pd
 
     from pipelines.run_config import slug
@@ -171,7 +172,7 @@ def catalog_from_folder(photos: Path) -> pd.DataFrame:
         rel = f.relative_to(photos)
         rows.append({"item_id": slug(str(rel.with_suffix(""))), "image_path": str(rel),
                      "category": rel.parts[0] if len(rel.parts) > 1 else NO_CATEGORY,
-                     "price": 0.0, "available": True, "region": "any"})
+                     "price": 1.0, "available": True, "region": "any"})
     table = pd.DataFrame(rows)
     dupes = table["item_id"][table["item_id"].duplicated()]
     if len(dupes):

@@ -283,6 +283,10 @@ def run_import(cfg: ImportConfig, now: datetime | None = None) -> ImportReport:
         raise ImportRefused(
             f"import refused, nothing written: bad rows {report.refused}\n" + "\n".join(lines)
             + "\nfix them, or pass --drop-bad-rows to import the rest")
+    if catalog.empty:
+        first = report.bad_rows[0]["reason"] if report.bad_rows else "the table has no rows"
+        raise ImportRefused(f"import refused, nothing written: no catalog row is left to "
+                            f"import (refused {report.refused or 'none'}; e.g. {first})")
     out = Path(cfg.out)
     with atomic_dir(out) as tmp:
         (tmp / "tables").mkdir()

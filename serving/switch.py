@@ -46,8 +46,32 @@ def live_from_index(index_root: Path, triton_repo: Path, version: str) -> Live:
     if served != model_version:
         raise ValueError(f"Triton version {number} holds {served!r}, index {version} needs "
                          f"{model_version!r}")
+    check_treatment(manifest.get("treatment"), repository.version_meta(
+        Path(triton_repo), number)["detector_version"], version)
     return Live(model_version, number, version, datetime.fromisoformat(manifest["built_at"]),
                 repository.detector_categories(Path(triton_repo), number))
+
+
+def check_treatment(treatment: dict | None, served_detector: str, version: str) -> None:
+    """The index's catalog boxes must come from the detector Triton serves for queries, by a
+    policy that picks what a user is offered (`PickPolicy()`, the salient box, else the
+    whole photo; a catalog may first prefer its listing's category): otherwise catalog and
+    query vectors describe different things, as with two model versions."""
+    from models.detector import PickPolicy
+
+    if not treatment:  # model-free attribute vectors (benchmarks): no boxes were picked
+        return
+    if treatment["detector_version"] != served_detector:
+        raise ValueError(f"index {version} was embedded with boxes from "
+                         f"{treatment['detector_version']}, but Triton serves "
+                         f"{served_detector} for queries: roll the index out again with the "
+                         "served detector, or install the detector it was built with")
+    query = PickPolicy()
+    rules = [r for r in PickPolicy.parse(treatment["pick_policy"]).rules if r != "category"]
+    if tuple(rules) != query.rules:
+        raise ValueError(f"index {version} picked catalog boxes by {treatment['pick_policy']!r}"
+                         f", queries are cropped by {str(query)!r}: re-embed the catalog with "
+                         f"{str(query)!r} (or 'category>{query}')")
 
 
 class Switcher:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from itertools import zip_longest
 from pathlib import Path
 from typing import Annotated
 
@@ -209,14 +210,18 @@ IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
 @demo_router.get("/v1/demo-photos")
 async def demo_photos(state: State, n: int = 12):
     """Room scenes to tap objects in; a shop without scenes (an imported catalog) offers its
-    own catalog photos, which hold real objects the detector finds."""
+    own catalog photos, a few of each category folder in turn, which hold real objects."""
     world = Path(state.settings.world_root)
     n = max(0, min(n, 50))
     for folder in ("images/scenes", "images/catalog"):
-        photos = sorted(p for p in (world / folder).rglob("*") if p.suffix in IMAGE_TYPES)
-        if photos:
-            return {"photos": [f"/world/{p.relative_to(world).as_posix()}"
-                               for p in photos[:n]]}
+        by_folder: dict[Path, list[Path]] = {}
+        for p in sorted((world / folder).rglob("*")):
+            if p.suffix in IMAGE_TYPES:
+                by_folder.setdefault(p.parent, []).append(p)
+        if by_folder:
+            rounds = zip_longest(*by_folder.values())
+            photos = [p for row in rounds for p in row if p is not None][:n]
+            return {"photos": [f"/world/{p.relative_to(world).as_posix()}" for p in photos]}
     return {"photos": []}
 
 

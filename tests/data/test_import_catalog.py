@@ -99,3 +99,34 @@ def test_missing_required_columns_say_what_a_catalog_needs(shop, tmp_path):
     with pytest.raises(ValueError, match=r"missing required columns \['region'\]"):
         run_import(_cfg(shop, tmp_path / "world"))
     assert not (tmp_path / "world").exists()
+
+
+def test_dropping_every_row_is_a_refusal_not_an_empty_world(shop, tmp_path):
+    table = pd.read_csv(shop / "catalog.csv")
+    table["price"] = 0
+    table.to_csv(shop / "catalog.csv", index=False)
+    with pytest.raises(ImportRefused, match=r"no catalog row is left to import .*price is "
+                                            r"not a positive number"):
+        run_import(_cfg(shop, tmp_path / "world", drop_bad_rows=True))
+    assert not (tmp_path / "world").exists()
+
+
+def test_a_photo_folder_becomes_a_catalog_table(shop, tmp_path):
+    from pipelines.demo import catalog_from_folder
+
+    table = catalog_from_folder(shop / "photos")
+    assert len(table) == len(pd.read_csv(shop / "catalog.csv"))
+    assert set(table["category"]) == set(pd.read_csv(shop / "catalog.csv")["category"])
+    assert table["item_id"].is_unique and (table["price"] > 0).all()
+    report = run_import(ImportConfig(shop / "photos", _csv(table, tmp_path), tmp_path / "w"))
+    assert report.rows["catalog"] == len(table) and report.refused == {}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no photos"):
+        catalog_from_folder(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        catalog_from_folder(tmp_path / "nowhere")
+
+
+def _csv(table: pd.DataFrame, tmp_path: Path) -> Path:
+    table.to_csv(tmp_path / "from_folder.csv", index=False)
+    return tmp_path / "from_folder.csv"
