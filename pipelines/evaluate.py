@@ -193,10 +193,16 @@ def load_catalog(world: Path) -> pd.DataFrame:
         "item_id").reset_index(drop=True)
 
 
-def eval_fingerprint(catalog: pd.DataFrame, rater: EvalSet) -> str:
-    """Hash of the searched catalog and the rater judgments: recall is comparable across
-    models only when this matches."""
+WHOLE_PHOTOS = "whole photo"  # the catalog treatment when no detector is given
+
+
+def eval_fingerprint(catalog: pd.DataFrame, rater: EvalSet, treatment: str = WHOLE_PHOTOS
+                     ) -> str:
+    """Hash of the searched catalog, the rater judgments and (when not whole photos) the
+    catalog treatment: recall is comparable across models only when this matches."""
     h = hashlib.sha256()
+    if treatment != WHOLE_PHOTOS:
+        h.update(f"treatment:{treatment}|".encode())
     h.update("\n".join(catalog["item_id"]).encode())
     for q, rel in zip(rater.query_ids, rater.relevant, strict=True):
         h.update(f"|{q}:".encode() + ",".join(f"{i}={g}" for i, g in sorted(rel.items()))
@@ -239,6 +245,7 @@ class EvalReport:
     n_catalog: int
     fingerprint: str
     models: dict[str, ModelResult] = field(default_factory=dict)
+    treatment: str = WHOLE_PHOTOS  # how catalog photos became vectors (detector, policy)
 
     @property
     def headline(self) -> float:
@@ -265,7 +272,7 @@ class EvalReport:
         """JSON-friendly numbers (no per-query detail)."""
         return {
             "candidate": self.candidate, "ks": list(self.ks), "n_catalog": self.n_catalog,
-            "fingerprint": self.fingerprint,
+            "fingerprint": self.fingerprint, "catalog_treatment": self.treatment,
             "models": {label: {"seconds": m.seconds, "sets": {
                 name: {"n_queries": s.n_queries, "recall_at_k": s.recall, "hit_at_k": s.hit,
                        "per_category_recall_at_k": s.per_category}
@@ -279,8 +286,10 @@ def _embed(embed_fn: EmbedFn, paths: list[str], boxes: np.ndarray | None, what: 
 
 
 def evaluate_models(models: Mapping[str, EmbedFn], world: Path, eval_sets: Sequence[EvalSet],
-                    candidate: str = CANDIDATE, ks: Sequence[int] = KS) -> EvalReport:
-    """Embed catalog and queries with each labelled embed_fn, retrieve exactly, score."""
+                    candidate: str = CANDIDATE, ks: Sequence[int] = KS,
+                    treatment: str = WHOLE_PHOTOS) -> EvalReport:
+    """Embed catalog and queries with each labelled embed_fn, retrieve exactly, score.
+    `treatment` names what the embed_fns do to catalog photos (recorded and fingerprinted)."""
     if candidate not in models:
         raise ValueError(f"candidate {candidate!r} is not among the models {sorted(models)}")
     names = [s.name for s in eval_sets]
@@ -298,7 +307,8 @@ def evaluate_models(models: Mapping[str, EmbedFn], world: Path, eval_sets: Seque
             raise ValueError(f"eval set {s.name!r} judges {len(unknown)} items missing from "
                              f"the catalog (e.g. {sorted(unknown)[0]})")
     rater = eval_sets[names.index(RATER_SET)]
-    report = EvalReport(candidate, ks, len(catalog), eval_fingerprint(catalog, rater))
+    report = EvalReport(candidate, ks, len(catalog), eval_fingerprint(catalog, rater, treatment),
+                        treatment=treatment)
     depth = max(max(ks), REPORT_TOP)
     for label, embed_fn in models.items():
         t0 = time.perf_counter()
@@ -414,7 +424,8 @@ def write_html_report(report: EvalReport, eval_set: EvalSet, world: Path, out_ht
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Loupe eval: "
              f"{html.escape(label)}</title><style>{_CSS}</style></head><body>",
              f"<h1>Loupe embedder evaluation: {html.escape(label)}</h1>",
-             f"<p>Exact search over {report.n_catalog} catalog items; eval fingerprint "
+             f"<p>Exact search over {report.n_catalog} catalog items (catalog photos: "
+             f"<code>{html.escape(report.treatment)}</code>); eval fingerprint "
              f"<code>{report.fingerprint}</code>. recall@K = |relevant ∩ top-K| / "
              "min(K, |relevant|).</p>",
              f"<table class='m'>{''.join(rows)}</table>",
@@ -516,8 +527,8 @@ def publish(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: P
             registry_cfg, model_files: Sequence[Path], params: Mapping[str, object] | None = None,
             propensity_png: Path | None = None, promote: bool = False,
             n_report_queries: int = 20, run_name: str | None = None,
-            extra_metrics: Mapping[str, float] | None = None, batch_size: int = 64
-            ) -> Published:
+            extra_metrics: Mapping[str, float] | None = None, batch_size: int = 64,
+            detector: tuple[Path, str] | None = None) -> Published:
     """Write the reports, log one MLflow run (params, every metric, plots, HTML report,
     exported model files), register it as a new `challenger` version and, if asked, run the
     promotion gate (which re-scores a champion measured on another set on this one)."""
@@ -530,6 +541,7 @@ def publish(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: P
     run_params = {"candidate": report.candidate, "models": ",".join(report.models),
                   "ks": ",".join(map(str, report.ks)), "n_catalog": report.n_catalog,
                   "retrieval": "exact (faiss IndexFlatIP)", "world": str(world),
+                  "catalog_treatment": report.treatment,
                   **{f"n_queries_{s.name}": len(s.query_ids) for s in sets}, **(params or {})}
     run = registry.log_run(
         registry_cfg, run_name=run_name or f"evaluate-{report.candidate}", params=run_params,
@@ -538,15 +550,17 @@ def publish(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: P
         model_files=model_files, tags={registry.FINGERPRINT: report.fingerprint})
     ref = registry.register_model_version(registry_cfg, run, report.headline, report.fingerprint)
     decision = registry.promotion_gate(
-        registry_cfg, ref, rescore=_rater_rescorer(registry_cfg, sets, world, batch_size)
+        registry_cfg, ref, rescore=_rater_rescorer(registry_cfg, sets, world, batch_size,
+                                                   detector)
     ) if promote else None
     return Published(paths, run.run_id, ref.model_version,
                      None if decision is None else asdict(decision))
 
 
-def _rater_rescorer(registry_cfg, sets: Sequence[EvalSet], world: Path, batch_size: int
-                    ) -> Callable:
-    """rescore(version) -> that registered version's rater recall@10 on this world's set."""
+def _rater_rescorer(registry_cfg, sets: Sequence[EvalSet], world: Path, batch_size: int,
+                    detector: tuple[Path, str] | None = None) -> Callable:
+    """rescore(version) -> that registered version's rater recall@10 on this world's set,
+    with this evaluation's catalog treatment."""
     import tempfile
 
     from pipelines import registry
@@ -556,13 +570,35 @@ def _rater_rescorer(registry_cfg, sets: Sequence[EvalSet], world: Path, batch_si
     def rescore(ref) -> float:
         with tempfile.TemporaryDirectory() as tmp:
             export = registry.download_model(registry_cfg, ref.model_version, Path(tmp))
-            fn = embed_fn_from_export(export, world, batch_size)
-            return evaluate_models({CANDIDATE: fn}, world, [rater]).headline
+            fn = evaluation_embed_fn(export, world, batch_size, detector)
+            return evaluate_models({CANDIDATE: fn}, world, [rater],
+                                   treatment=treatment_label(detector)).headline
 
     return rescore
 
 
 # --------------------------------------------------------------------------- models + CLI
+def treatment_label(detector: tuple[Path, str] | None) -> str:
+    """'detect(loupe-detector/3)>salient>whole', or whole photos without a detector."""
+    if detector is None:
+        return WHOLE_PHOTOS
+    from models.detector import PickPolicy
+
+    return f"detect({detector[1]})>{PickPolicy()}"
+
+
+def evaluation_embed_fn(export: Path, world: Path, batch_size: int,
+                        detector: tuple[Path, str] | None) -> EmbedFn:
+    """An exported embedder as evaluation runs it: the catalog treatment when a detector is
+    given (queries keep their rater boxes either way), else whole catalog photos."""
+    if detector is None:
+        return embed_fn_from_export(export, world, batch_size)
+    from pipelines.embed import catalog_treatment
+
+    return catalog_treatment(export, Path(detector[0]), world, detector[1],
+                             batch_size=batch_size)
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     """Knobs of the evaluate stage (params.yaml `evaluate:`, all optional)."""
@@ -597,12 +633,16 @@ def run_evaluate(config: EvaluateConfig, world: Path, model: Path,
                  engagement: Path | None = None, metrics_path: Path | None = None,
                  train_json: Path | None = None, propensity_png: Path | None = None,
                  tracking_uri: str | None = None, promote: bool = False,
-                 log_mlflow: bool = True) -> Evaluated:
+                 log_mlflow: bool = True, detector: tuple[Path, str] | None = None
+                 ) -> Evaluated:
     """The evaluate stage, for the CLI, DVC and the retrain DAG alike: rater (and engagement)
     recall@K of the candidate export next to labelled baseline exports; one MLflow run with
     the same params and metrics keys whoever calls (eval config, model files, the candidate's
     train config, the resolved package versions, its per-epoch validation curve); a new
-    `challenger` version, and the promotion gate when `promote`."""
+    `challenger` version, and the promotion gate when `promote`. `detector` (export dir,
+    `loupe-detector/N`) embeds catalog photos by the serving catalog treatment (detect ->
+    salient box -> crop, `pipelines.embed.catalog_treatment`), so the number is what the
+    rollout's index will answer; without one, catalog photos are embedded whole."""
     from models.export import export_files
     from pipelines.registry import RegistryConfig
     from pipelines.versions import resolved_versions
@@ -615,9 +655,9 @@ def run_evaluate(config: EvaluateConfig, world: Path, model: Path,
     if engagement is not None:
         sets.append(load_engagement_set(Path(engagement)))
     exports = {CANDIDATE: Path(model), **{k: Path(v) for k, v in baselines.items()}}
-    fns = {label: embed_fn_from_export(path, world, config.batch_size)
+    fns = {label: evaluation_embed_fn(path, world, config.batch_size, detector)
            for label, path in exports.items()}
-    report = evaluate_models(fns, world, sets, CANDIDATE, config.ks)
+    report = evaluate_models(fns, world, sets, CANDIDATE, config.ks, treatment_label(detector))
     published = None
     if log_mlflow:
         params = {f"eval.{k}": v for k, v in asdict(config).items()}
@@ -633,7 +673,7 @@ def run_evaluate(config: EvaluateConfig, world: Path, model: Path,
             extra_metrics={k: float(train_info[k]) for k in
                            ("train_seconds", "best_val_style_recall_at_10")
                            if train_info.get(k) is not None},
-            batch_size=config.batch_size)
+            batch_size=config.batch_size, detector=detector)
         _log_curve(reg_cfg, published.run_id, train_info.get("curve", []))
         paths = published.paths
     else:
@@ -683,16 +723,24 @@ def add_cli(sub) -> None:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--promote", action="store_true", help="run the promotion gate afterwards")
     p.add_argument("--no-mlflow", action="store_true", help="local reports only")
+    p.add_argument("--detector", type=Path, default=None,
+                   help="detector export dir: embed catalog photos by the serving treatment "
+                        "(detect -> salient box -> crop) instead of whole")
+    p.add_argument("--detector-version", default=None,
+                   help="the detector's registered version (loupe-detector/N), recorded")
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> int:
+    if (args.detector is None) != (args.detector_version is None):
+        raise ValueError("--detector and --detector-version go together")
     done = run_evaluate(
         EvaluateConfig.load(args.params), args.world, args.model,
         dict(_labelled(s) for s in args.baseline), args.out, engagement=args.engagement,
         metrics_path=args.metrics, train_json=args.train_json,
         propensity_png=args.propensity_png, tracking_uri=args.tracking_uri,
-        promote=args.promote, log_mlflow=not args.no_mlflow)
+        promote=args.promote, log_mlflow=not args.no_mlflow,
+        detector=None if args.detector is None else (args.detector, args.detector_version))
     out: dict = {"summary": done.report.summary(), "metrics": done.metrics,
                  "paths": {k: str(v) for k, v in done.paths.items()}}
     if done.published is not None:

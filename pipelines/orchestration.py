@@ -178,6 +178,20 @@ def train_embedder(cfg: LoupeConfig, run_dir: Path, harvest_dir: str, variant: s
             "train_seconds": result.metrics["train_seconds"]}
 
 
+def serving_detector(cfg: LoupeConfig) -> tuple[Path, str] | None:
+    """The detector a rollout would install (the newest registered `loupe-detector`), so the
+    retrain scores what the index will answer; None, with a warning, when none is registered
+    (catalog photos are then embedded whole, and the rollout will refuse until one is)."""
+    from pipelines.registry import fetch_registered, resolve_detector
+
+    try:
+        version = resolve_detector(None, cfg.mlflow_tracking_uri)
+    except ValueError as err:
+        log.warning("evaluating on whole catalog photos: %s", err)
+        return None
+    return fetch_registered(cfg.mlflow_tracking_uri, version, cfg.models_dir), version
+
+
 def evaluate_and_register(cfg: LoupeConfig, run_dir: Path, models: Sequence[Mapping[str, Any]],
                           harvest: Mapping[str, Any]) -> dict:
     """Rater-set recall@K of the debiased candidate next to the frozen and naive baselines
@@ -198,7 +212,7 @@ def evaluate_and_register(cfg: LoupeConfig, run_dir: Path, models: Sequence[Mapp
         reports / "eval", engagement=Path(harvest["harvest_dir"]) / "eval_engagement.parquet",
         metrics_path=reports / "eval.json", train_json=Path(by_variant["debiased"]["train_json"]),
         propensity_png=Path(harvest["propensity_png"]), tracking_uri=cfg.mlflow_tracking_uri,
-        promote=True)
+        promote=True, detector=serving_detector(cfg))
     published = done.published
     return {"model_version": published.model_version, "run_id": published.run_id,
             "promoted": bool(published.decision and published.decision["promoted"]),

@@ -520,8 +520,10 @@ def train_detector(cfg: DetectorTrainConfig, world_root: Path, out_dir: Path,
     train = load_scenes(world_root, "train", cfg.train_scenes, categories)
     val = load_scenes(world_root, "val", categories=categories)
     held_out = load_scenes(world_root, cfg.eval_split, categories=categories)
-    model = CenterNetDetector(len(categories), cfg.input_size, cfg.neck_channels,
-                              cfg.pretrained)
+    with torch.random.fork_rng():  # the heads' initial weights: from the seed, not from
+        torch.manual_seed(cfg.seed)  # whatever drew on torch's RNG earlier in the process
+        model = CenterNetDetector(len(categories), cfg.input_size, cfg.neck_channels,
+                                  cfg.pretrained)
     logger = _mlflow_logger(cfg)
     try:
         metrics, best_name = _train_into(cfg, model, train, val, held_out, out_dir, logger,

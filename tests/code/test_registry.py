@@ -270,3 +270,21 @@ def test_mlflow_ui_serves_the_same_store_on_localhost(cfg, store, tmp_path):
         proc.wait(timeout=20)
     assert body["model_version"]["version"] == "1"
     assert body["model_version"]["source"].startswith((store / "mlruns").as_uri())
+
+
+def test_a_bootstrap_champion_is_rescored_before_a_retrain_replaces_it(tmp_path):
+    """Cold start registers the frozen embedder as champion with no rater recall; the first
+    retrain's challenger is compared with it re-scored on the challenger's rater set."""
+    from pipelines.pretrained import BOOTSTRAP_FINGERPRINT, register_frozen_embedder
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    boot = register_frozen_embedder(uri)
+    cfg = reg.RegistryConfig(uri, promotion_margin=0.02)
+    assert reg.version_for_alias(cfg, reg.CHAMPION).model_version == boot
+    challenger = _evaluated(cfg, tmp_path, 0.40)
+    refused = reg.promotion_gate(cfg, challenger.version)
+    assert not refused.promoted and BOOTSTRAP_FINGERPRINT in refused.reason
+    decision = reg.promotion_gate(cfg, challenger.version, rescore=lambda ref: 0.30)
+    assert decision.promoted and decision.champion == boot
+    assert decision.champion_recall == 0.30 and "re-evaluated" in decision.reason
+    assert reg.version_for_alias(cfg, reg.CHAMPION).version == challenger.version

@@ -116,10 +116,12 @@ def pointers(cfg: LoupeConfig) -> tuple[str | None, str | None]:
 # --------------------------------------------------------------------------- retrain
 def test_retrain_harvests_trains_evaluates_registers_and_promotes(dags, tiny_world, tmp_path,
                                                                   tiny_detector):
+    cfg = config(tmp_path, tiny_world)
+    # the detector the rollout will install: evaluation embeds catalog photos with it
+    detector = tiny_detector.register(cfg.mlflow_tracking_uri)
     dr = run(dags, "loupe_monthly_retrain", tmp_path, tiny_world,
              params_file=str(params_file(tmp_path, train={"max_epochs": 3, "views": 2})))
     assert dr.state == "success", states(dr)
-    cfg = config(tmp_path, tiny_world)
     run_dir = cfg.run_dir("loupe_monthly_retrain", dr.run_id)
     assert xcom(dr, "validate_logs")["rows"]["impressions"] == 16000
     out = xcom(dr, "harvest_pairs")
@@ -163,6 +165,7 @@ def test_retrain_harvests_trains_evaluates_registers_and_promotes(dags, tiny_wor
     assert run_data.metrics["rater_recall_at_10"] == pytest.approx(metrics["recall_at_10"],
                                                                  abs=1e-4)
     assert run_data.metrics["train_seconds"] == metrics["train_seconds"]
+    assert run_data.params["catalog_treatment"] == f"detect({detector})>salient>whole"
     assert xcom(dr, "announce_champion") == "loupe-embedder/1"
     from airflow.models.asset import AssetEvent
     from airflow.utils.session import create_session
@@ -174,7 +177,6 @@ def test_retrain_harvests_trains_evaluates_registers_and_promotes(dags, tiny_wor
     # the champion rolls out: installed in Triton with the registered detector, catalog
     # re-embedded by the registered graph, canary with rater queries, cutover; shards,
     # manifest and Triton version carry the registry's model version
-    detector = tiny_detector.register(cfg.mlflow_tracking_uri)
     rollout = run(dags, "loupe_model_rollout", tmp_path, tiny_world, model="champion",
                   params_file=str(params_file(tmp_path, train={"max_epochs": 3, "views": 2})))
     assert rollout.state == "success", states(rollout)

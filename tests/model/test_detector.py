@@ -207,6 +207,22 @@ def trained(tiny_world, tmp_path_factory):
     return cfg, base, train_detector(cfg, tiny_world, base / "run")
 
 
+def test_same_seed_same_detector_whatever_drew_on_torch_rng_before(trained, tiny_world,
+                                                                   tmp_path):
+    """The heads' initial weights come from the config's seed: a run after other code drew
+    on torch's global RNG (other tests, other stages in one process) trains the same
+    detector, so a test's or a stage's result does not depend on what ran before it."""
+    from dataclasses import replace
+
+    cfg, _, first = trained
+    torch.rand(1000)  # any earlier user of the global RNG
+    again = train_detector(replace(cfg, log_mlflow=False), tiny_world, tmp_path / "again")
+    assert again.metrics["map50"] == first.metrics["map50"]
+    a = torch.load(first.best_checkpoint, weights_only=False)["state_dict"]
+    b = torch.load(again.best_checkpoint, weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_train_writes_checkpoints_export_metrics_and_mlflow_run(trained, tiny_world):
     cfg, base, result = trained
     out = result.out_dir
