@@ -283,7 +283,9 @@ def postprocess(raw: torch.Tensor, num_classes: int, score_threshold: float = 0.
         cy = (iy[i].float() + off[:, 1]) / gh
         w, h = size[:, 0].clamp(min=0) / gw, size[:, 1].clamp(min=0) / gh
         boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1).clamp(0, 1)
-        keep = scores[i] >= score_threshold
+        # a box clipped to the frame, or decoded with a zero size, has no area to crop
+        keep = ((scores[i] >= score_threshold) & (boxes[:, 2] > boxes[:, 0])
+                & (boxes[:, 3] > boxes[:, 1]))
         boxes, s, lab = boxes[keep], scores[i][keep], labels[i][keep]
         kept = nms(boxes, s, lab, iou_threshold)
         out.append(Detections(boxes[kept], s[kept], lab[kept]))

@@ -100,3 +100,23 @@ def _run_cli(args) -> int:
         write_json_atomic(args.report, report)
     print(json.dumps(summary, indent=1))
     return 0 if summary["state"] == "success" else 1
+
+
+def running_tasks(dag_id: str) -> str:
+    """What the newest run of `dag_id` is doing: tasks finished of all, and which run now
+    (the demo's heartbeat while `dag.test()` runs the DAG in this process)."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        dr = (session.query(DagRun).filter(DagRun.dag_id == dag_id)
+              .order_by(DagRun.id.desc()).first())
+        if dr is None:
+            return "starting"
+        tis = dr.get_task_instances(session=session)
+        done = sum(1 for ti in tis if str(getattr(ti.state, "value", ti.state)) in
+                   ("success", "skipped", "failed", "upstream_failed"))
+        running = sorted({ti.task_id for ti in tis
+                          if str(getattr(ti.state, "value", ti.state)) == "running"})
+    return f"{done}/{len(tis)} tasks done" + (f", running {', '.join(running)}"
+                                              if running else "")

@@ -62,24 +62,27 @@ def _live_serves(cfg: LoupeConfig, model_version: str, detector_version: str) ->
 
 def run_bootstrap(cfg: LoupeConfig, detector: str | None = None,
                   graph_dir: Path | None = None, category_map: Path | None = None,
-                  n_shards: int | None = None) -> BootstrapResult:
-    """Champion (frozen, unless one exists) + detector + rollout; see the module doc."""
+                  n_shards: int | None = None, champion: bool = True) -> BootstrapResult:
+    """Champion (frozen, unless one exists) + detector + rollout; see the module doc.
+    `champion=False` rolls out a frozen version without taking the alias (`loupe demo`'s
+    first shop: the first retrain then promotes its challenger as the first champion)."""
     from pipelines.pretrained import (
         current_champion,
         register_coco_detector,
         register_frozen_embedder,
     )
-    from pipelines.registry import resolve_detector
+    from pipelines.registry import CHAMPION, resolve_detector
     from pipelines.rollout import rollout_local
 
     if not (cfg.world / "tables" / "catalog.parquet").is_file():
         raise FileNotFoundError(f"{cfg.world} holds no catalog (tables/catalog.parquet): "
                                 "import one first (`loupe import-catalog`)")
     registered: list[str] = []
-    champion = current_champion(cfg.mlflow_tracking_uri)
-    if champion is None:
-        champion = register_frozen_embedder(cfg.mlflow_tracking_uri)
-        registered.append(champion)
+    model = current_champion(cfg.mlflow_tracking_uri) if champion else None
+    if model is None:
+        model = register_frozen_embedder(cfg.mlflow_tracking_uri,
+                                         CHAMPION if champion else None)
+        registered.append(model)
     if detector:
         detector_version = resolve_detector(detector, cfg.mlflow_tracking_uri)
     else:
@@ -88,11 +91,11 @@ def run_bootstrap(cfg: LoupeConfig, detector: str | None = None,
             detector_version = register_coco_detector(cfg.mlflow_tracking_uri, graph_dir,
                                                       category_map)
             registered.append(detector_version)
-    live = _live_serves(cfg, champion, detector_version)
+    live = _live_serves(cfg, model, detector_version)
     if live is not None:
-        return BootstrapResult(champion, detector_version, live, registered, False)
-    done = rollout_local(cfg, champion, n_shards=n_shards, detector=detector_version)
-    return BootstrapResult(champion, detector_version, done["plan"]["index_version"],
+        return BootstrapResult(model, detector_version, live, registered, False)
+    done = rollout_local(cfg, model, n_shards=n_shards, detector=detector_version)
+    return BootstrapResult(model, detector_version, done["plan"]["index_version"],
                            registered, True)
 
 

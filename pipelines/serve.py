@@ -102,9 +102,10 @@ def add_cli(sub) -> None:
 
 
 def serve_until_stopped(triton_repo: Path, index_root: Path, world: Path, features: Path,
-                        run_dir: Path, replicas: int, announce) -> None:
-    """Start the stack, print `announce(stack, token_shown)`, serve until SIGTERM or Ctrl-C.
-    The admin token is $LOUPE_ADMIN_TOKEN, else generated and shown once."""
+                        run_dir: Path, replicas: int, announce, say=None) -> None:
+    """Start the stack, `say` (default: print) `announce(stack, token_shown)`, serve until
+    SIGTERM or Ctrl-C. The admin token is $LOUPE_ADMIN_TOKEN, else generated and shown
+    once."""
     from serving.stack import ServingStack
 
     token = os.environ.get("LOUPE_ADMIN_TOKEN") or secrets.token_urlsafe(24)
@@ -113,7 +114,7 @@ def serve_until_stopped(triton_repo: Path, index_root: Path, world: Path, featur
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with ServingStack(triton_repo, index_root, world, features, run_dir, token,
                       replicas=replicas) as stack:
-        print(announce(stack, shown), flush=True)
+        (say or (lambda text: print(text, flush=True)))(announce(stack, shown))
         try:
             stop.wait()
         except KeyboardInterrupt:

@@ -10,11 +10,11 @@ that make the output bytes depend only on (size, seed).
 
 from pipelines.world.behaviour import LoggingPolicy, examination_propensity
 from pipelines.world.catalog import CATEGORIES, make_catalog, make_products
-from pipelines.world.generate import generate_world
+from pipelines.world.generate import generate_first_catalog, generate_world
 from pipelines.world.identity import world_id
 from pipelines.world.samples import save_samples
 from pipelines.world.spec import SIZES, WORLD_END, WorldSize
 
 __all__ = ["CATEGORIES", "SIZES", "WORLD_END", "LoggingPolicy", "WorldSize",
-           "examination_propensity", "generate_world", "make_catalog", "make_products",
-           "save_samples", "world_id"]
+           "examination_propensity", "generate_first_catalog", "generate_world",
+           "make_catalog", "make_products", "save_samples", "world_id"]

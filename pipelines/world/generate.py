@@ -44,6 +44,46 @@ def generate_world(size_name: str, seed: int, out: Path, workers: int | None = N
     return summary
 
 
+def generate_first_catalog(size_name: str, seed: int, out: Path, n_items: int,
+                           workers: int | None = None) -> dict:
+    """A first shop of the world, in seconds: `n_items` of its listings (every k-th, the same
+    rows and photos the whole world will have) with their photos, and empty log tables; no
+    scenes, sessions or rater set. `loupe demo` serves it while the whole world is made,
+    which then replaces it in place (world.json says `first_catalog`)."""
+    if size_name not in SIZES:
+        raise ValueError(f"unknown world size {size_name!r}; choose from {sorted(SIZES)}")
+    if n_items < 1:
+        raise ValueError(f"n_items must be >= 1, got {n_items}")
+    size = SIZES[size_name]
+    t0 = time.perf_counter()
+    with atomic_dir(Path(out)) as tmp:
+        (tmp / "tables").mkdir()
+        products = make_products(size, seed)
+        catalog = make_catalog(products, size, seed).sort_values("item_id")
+        step = max(1, math.ceil(len(catalog) / n_items))
+        first = catalog.iloc[::step].reset_index(drop=True)
+        items = first.merge(products[["product_id", "cluster_id", "geo", "hue_shift"]],
+                            on="product_id")
+        records = items.to_dict("records")
+        workers = workers or min(4, os.cpu_count() or 1)
+        with ProcessPoolExecutor(workers) as pool:
+            jobs = [(seed, records[a:b]) for a, b in _chunks(len(records), workers * 4)]
+            for imgs in pool.map(_catalog_images, jobs):
+                _write_images(tmp, imgs)
+        _write_table(first, schemas.CATALOG, tmp / "tables/catalog.parquet")
+        for name in ("impressions", "boards", "scenes", "scene_objects", "rater_queries",
+                     "rater_judgments"):  # written empty, as an imported catalog's are
+            schema = schemas.TABLES[name]
+            _write_table(pd.DataFrame(columns=schema.names), schema,
+                         tmp / f"tables/{name}.parquet")
+        summary = {"size": size.name, "seed": seed, "first_catalog": len(first),
+                   "of_items": len(catalog),
+                   "counts": {"catalog_items": len(first), "of_items": len(catalog)}}
+        (tmp / "world.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    return summary
+
+
 def _write_table(df: pd.DataFrame, schema: pa.Schema, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)

@@ -180,6 +180,10 @@ def test_targets_decode_back_to_the_boxes():
     assert torch.allclose(det.boxes[order], torch.from_numpy(boxes), atol=1e-5)
     with pytest.raises(ValueError, match="expected raw output"):
         postprocess(raw, 7)
+    # a confident peak with zero height (an undertrained size head) is no box to crop
+    flat = raw.clone()
+    flat[0, 8 + 1] = 0.0  # every cell's height
+    assert len(postprocess(flat, 8, score_threshold=0.99)[0]) == 0
 
 
 # --------------------------------------------------------------------------- training
