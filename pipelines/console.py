@@ -29,13 +29,17 @@ def _clock(seconds: float) -> str:
 
 
 class _Latest(logging.Handler):
-    """Keeps the latest message of the `loupe.*` loggers for the heartbeat."""
+    """Keeps the latest message of Loupe's loggers from the running stage's thread (the
+    servers' threads log too, and their lines say nothing about the stage)."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.message = ""
+        self.thread: int | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.thread:
+            return
         try:
             self.message = record.getMessage()[:120]
         except Exception:  # a bad format string must not break the demo
@@ -67,8 +71,11 @@ class DemoConsole:
         self._log = open(self.log_path, "a", buffering=1)  # noqa: SIM115 (closed in __exit__)
         os.dup2(self._log.fileno(), 1)
         os.dup2(self._log.fileno(), 2)
-        for name in OWN_LOGGERS:
-            logging.getLogger(name).addHandler(self._latest)
+        for name in OWN_LOGGERS:  # their INFO progress lines: the heartbeat's, and the log's
+            logger = logging.getLogger(name)
+            logger.addHandler(self._latest)
+            if logger.getEffectiveLevel() > logging.INFO:
+                logger.setLevel(logging.INFO)
         logging.captureWarnings(True)
         self._beat = threading.Thread(target=self._heartbeat, name="demo-heartbeat",
                                       daemon=True)
@@ -105,6 +112,7 @@ class DemoConsole:
         about = f" (about {max(1, round(estimate_s / 60))} min)" if estimate_s else ""
         self.say(f"[{name}] {doing}{about}")
         start = time.monotonic()
+        self._latest.thread, self._latest.message = threading.get_ident(), ""
         self._stage = (name, start, estimate_s, detail)
         try:
             yield

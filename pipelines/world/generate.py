@@ -7,6 +7,7 @@ reports may read (examination propensity, style clusters, query targets) lands i
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -30,6 +31,8 @@ from pipelines.world.render import render_photo
 from pipelines.world.scenes import scene_images, scenes_table
 from pipelines.world.sessions import session_rows
 from pipelines.world.spec import SIZES, WORLD_END, WorldSize, entity_rng
+
+log = logging.getLogger(__name__)
 
 
 def generate_world(size_name: str, seed: int, out: Path, workers: int | None = None) -> dict:
@@ -121,24 +124,36 @@ def _generate_into(tmp: Path, size: WorldSize, seed: int, workers: int) -> dict:
     with ProcessPoolExecutor(workers) as pool:
         if size.render_images:
             jobs = [(seed, records[a:b]) for a, b in _chunks(len(records), workers * 4)]
+            done = 0
             for imgs in pool.map(_catalog_images, jobs):
                 _write_images(tmp, imgs)
+                done += len(imgs)
+                log.info("world: %s of %s listing photos rendered", f"{done:,}",
+                         f"{len(records):,}")
 
+        chunks = _chunks(size.n_sessions, workers * 4)
         sess_jobs = [(seed, a, b, items, products, size, size.render_images)
-                     for a, b in _chunks(size.n_sessions, workers * 4)]
+                     for a, b in chunks]
         impressions: list[dict] = []
-        for rows, imgs in pool.map(session_rows, sess_jobs):
+        for (_, end), (rows, imgs) in zip(chunks, pool.map(session_rows, sess_jobs),
+                                          strict=True):
             impressions.extend(rows)
             _write_images(tmp, imgs)
+            log.info("world: %s of %s shopping sessions simulated", f"{end:,}",
+                     f"{size.n_sessions:,}")
 
         by_cat = {c: [r for r in records if r["category"] == c] for c in CATEGORIES}
         scene_objects: list[dict] = []
         scene_jobs = [(seed, a, b, "scenes", by_cat)
                       for a, b in _chunks(size.n_scenes, workers * 4)]
         if size.n_scenes and size.render_images:
-            for imgs, objs in pool.map(scene_images, scene_jobs):
+            for (_, _, end, _, _), (imgs, objs) in zip(scene_jobs, pool.map(scene_images,
+                                                                          scene_jobs),
+                                                     strict=True):
                 _write_images(tmp, imgs)
                 scene_objects.extend(objs)
+                log.info("world: %s of %s room scenes rendered", f"{end:,}",
+                         f"{size.n_scenes:,}")
 
     impressions_df = pd.DataFrame(impressions)
     truth_queries = (impressions_df[["query_id", "_target_product"]].drop_duplicates("query_id")
