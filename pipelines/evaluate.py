@@ -333,6 +333,15 @@ def evaluate_models(models: Mapping[str, EmbedFn], world: Path, eval_sets: Seque
 
 
 # --------------------------------------------------------------------------- reports
+def write_recall_series(report: EvalReport, out_csv: Path, set_name: str = RATER_SET) -> Path:
+    """Rater recall@K as a data series (a row per K, a column per model): `dvc plots diff`
+    compares it across experiments and commits, which a PNG cannot do."""
+    rows = ["k," + ",".join(report.models)]
+    rows += [f"{k}," + ",".join(f"{m.sets[set_name].recall[k]:.6f}"
+                                for m in report.models.values()) for k in report.ks]
+    return write_text_atomic(Path(out_csv), "\n".join(rows) + "\n")
+
+
 def plot_recall(report: EvalReport, out_png: Path) -> Path:
     """recall@K curves, one line per model, one panel per eval set."""
     import matplotlib
@@ -455,7 +464,7 @@ def write_html_report(report: EvalReport, eval_set: EvalSet, world: Path, out_ht
 
 def write_reports(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: Path,
                   n_report_queries: int = 20) -> dict[str, Path]:
-    """eval_summary.json, recall_at_k.png and eval_report.html (rater queries) in out_dir."""
+    """eval_summary.json, recall_at_k.png + .csv and eval_report.html (rater queries)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rater = next(s for s in sets if s.name == RATER_SET)
@@ -463,6 +472,7 @@ def write_reports(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_
         "summary": write_json_atomic(out_dir / "eval_summary.json", report.summary(),
                                      sort_keys=False),
         "plot": plot_recall(report, out_dir / "recall_at_k.png"),
+        "series": write_recall_series(report, out_dir / "recall_at_k.csv"),
         "html": write_html_report(report, rater, world, out_dir / "eval_report.html",
                                   n_report_queries),
     }
@@ -524,30 +534,37 @@ class Published:
 
 
 def publish(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: Path,
-            registry_cfg, model_files: Sequence[Path], params: Mapping[str, object] | None = None,
+            registry_cfg, export_dir: Path, params: Mapping[str, object] | None = None,
             propensity_png: Path | None = None, promote: bool = False,
             n_report_queries: int = 20, run_name: str | None = None,
             extra_metrics: Mapping[str, float] | None = None, batch_size: int = 64,
             detector: tuple[Path, str] | None = None) -> Published:
-    """Write the reports, log one MLflow run (params, every metric, plots, HTML report,
-    exported model files), register it as a new `challenger` version and, if asked, run the
-    promotion gate (which re-scores a champion measured on another set on this one)."""
+    """Write the reports, log one MLflow run (params, every metric, plots, HTML report, the
+    export as an MLflow pyfunc model), register it as a new `challenger` version and, if
+    asked, run the promotion gate (which re-scores a champion measured on another set on
+    this one)."""
+    import tempfile
+
     from pipelines import registry
+    from pipelines.mlflow_model import save_embedder_model
 
     if propensity_png is not None and not Path(propensity_png).exists():
         raise FileNotFoundError(f"propensity plot not found: {propensity_png}")
     paths = write_reports(report, sets, world, out_dir, n_report_queries)
-    plots = [paths["plot"]] + ([Path(propensity_png)] if propensity_png is not None else [])
+    plots = [paths["plot"], paths["series"]] + ([Path(propensity_png)]
+                                                if propensity_png is not None else [])
     run_params = {"candidate": report.candidate, "models": ",".join(report.models),
                   "ks": ",".join(map(str, report.ks)), "n_catalog": report.n_catalog,
                   "retrieval": "exact (faiss IndexFlatIP)", "world": str(world),
                   "catalog_treatment": report.treatment,
                   **{f"n_queries_{s.name}": len(s.query_ids) for s in sets}, **(params or {})}
-    run = registry.log_run(
-        registry_cfg, run_name=run_name or f"evaluate-{report.candidate}", params=run_params,
-        metrics={**report.flat_metrics(), **(extra_metrics or {})},
-        artifacts={"plots": plots, "report": [paths["html"], paths["summary"]]},
-        model_files=model_files, tags={registry.FINGERPRINT: report.fingerprint})
+    with tempfile.TemporaryDirectory() as tmp:
+        run = registry.log_run(
+            registry_cfg, run_name=run_name or f"evaluate-{report.candidate}",
+            params=run_params, metrics={**report.flat_metrics(), **(extra_metrics or {})},
+            artifacts={"plots": plots, "report": [paths["html"], paths["summary"]]},
+            mlflow_model=save_embedder_model(Path(export_dir), Path(tmp) / "model"),
+            tags={registry.FINGERPRINT: report.fingerprint})
     ref = registry.register_model_version(registry_cfg, run, report.headline, report.fingerprint)
     decision = registry.promotion_gate(
         registry_cfg, ref, rescore=_rater_rescorer(registry_cfg, sets, world, batch_size,
@@ -643,7 +660,6 @@ def run_evaluate(config: EvaluateConfig, world: Path, model: Path,
     `loupe-detector/N`) embeds catalog photos by the serving catalog treatment (detect ->
     salient box -> crop, `pipelines.embed.catalog_treatment`), so the number is what the
     rollout's index will answer; without one, catalog photos are embedded whole."""
-    from models.export import export_files
     from pipelines.registry import RegistryConfig
     from pipelines.versions import resolved_versions
 
@@ -668,7 +684,7 @@ def run_evaluate(config: EvaluateConfig, world: Path, model: Path,
                        for k, v in train_info.get("versions", {}).items()})
         reg_cfg = RegistryConfig(tracking_uri, promotion_margin=config.promotion_margin)
         published = publish(
-            report, sets, world, out_dir, reg_cfg, export_files(Path(model)), params,
+            report, sets, world, out_dir, reg_cfg, Path(model), params,
             propensity_png, promote, config.report_queries,
             extra_metrics={k: float(train_info[k]) for k in
                            ("train_seconds", "best_val_style_recall_at_10")
@@ -721,7 +737,6 @@ def add_cli(sub) -> None:
                    help="the candidate's train.json (loupe train): time + config logged")
     p.add_argument("--params", type=Path, default=None, help="params.yaml (evaluate: block)")
     p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--promote", action="store_true", help="run the promotion gate afterwards")
     p.add_argument("--no-mlflow", action="store_true", help="local reports only")
     p.add_argument("--detector", type=Path, default=None,
                    help="detector export dir: embed catalog photos by the serving treatment "
@@ -739,7 +754,7 @@ def _cli(args) -> int:
         dict(_labelled(s) for s in args.baseline), args.out, engagement=args.engagement,
         metrics_path=args.metrics, train_json=args.train_json,
         propensity_png=args.propensity_png, tracking_uri=args.tracking_uri,
-        promote=args.promote, log_mlflow=not args.no_mlflow,
+        log_mlflow=not args.no_mlflow,
         detector=None if args.detector is None else (args.detector, args.detector_version))
     out: dict = {"summary": done.report.summary(), "metrics": done.metrics,
                  "paths": {k: str(v) for k, v in done.paths.items()}}

@@ -68,15 +68,16 @@ def register_frozen_embedder(tracking_uri: str | None = None, alias: str | None 
                              ) -> str:
     """Export the frozen pretrained embedder (EfficientNet-Lite0 + fixed projection), register
     it as the next `loupe-embedder/N` and point `alias` at it; returns the version string."""
+    from pipelines.mlflow_model import save_embedder_model
     from pipelines.train import TrainConfig, export_baseline
 
     cfg = RegistryConfig(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         export = export_baseline(Path(tmp) / "frozen", TrainConfig())
-        files = sorted(p for p in export.iterdir() if p.is_file())
         run = log_run(cfg, run_name="bootstrap-frozen-embedder",
                       params={"model": "frozen_pretrained", "trained": False},
-                      metrics={}, artifacts={}, model_files=files,
+                      metrics={}, artifacts={},
+                      mlflow_model=save_embedder_model(export, Path(tmp) / "model"),
                       tags={"bootstrap": "frozen pretrained embedder, no training"})
         client = _mlflow(cfg)
         ref = create_version(client, MODEL_NAME, run.run_id, run.artifact_uri,

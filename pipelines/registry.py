@@ -108,14 +108,20 @@ class LoggedRun:
 
 def log_run(cfg: RegistryConfig, *, run_name: str, params: Mapping[str, Any],
             metrics: Mapping[str, float], artifacts: Mapping[str, Sequence[Path]],
-            model_files: Sequence[Path] = (), tags: Mapping[str, str] | None = None
-            ) -> LoggedRun:
-    """One finished run: params, metrics, `artifacts` ({artifact dir: files}), and the
-    exported model files under `model/`. A failure mid-way marks the run FAILED."""
+            model_files: Sequence[Path] = (), tags: Mapping[str, str] | None = None,
+            mlflow_model: Path | None = None) -> LoggedRun:
+    """One finished run: params, metrics, `artifacts` ({artifact dir: files}), and under
+    `model/` either an MLflow model directory (`mlflow_model`, the embedder's: see
+    pipelines/mlflow_model.py) or exported model files. A failure mid-way marks the run
+    FAILED."""
     from mlflow.entities import Metric, Param, RunTag
 
+    if mlflow_model is not None and model_files:
+        raise ValueError("log an MLflow model or model files under 'model/', not both")
     files = [Path(p) for group in artifacts.values() for p in group] + list(map(Path,
                                                                               model_files))
+    if mlflow_model is not None:
+        files.append(Path(mlflow_model) / "MLmodel")
     missing = [str(p) for p in files if not p.exists()]
     if missing:
         raise FileNotFoundError(f"cannot log missing files: {missing}")
@@ -135,6 +141,8 @@ def log_run(cfg: RegistryConfig, *, run_name: str, params: Mapping[str, Any],
         for dest, group in artifacts.items():
             for p in group:
                 client.log_artifact(run_id, str(p), artifact_path=dest or None)
+        if mlflow_model is not None:
+            client.log_artifacts(run_id, str(mlflow_model), artifact_path=MODEL_ARTIFACT_DIR)
         for p in map(Path, model_files):
             if p.is_dir():
                 client.log_artifacts(run_id, str(p), artifact_path=f"{MODEL_ARTIFACT_DIR}/"
@@ -210,7 +218,8 @@ def parse_model_version(model_version: str) -> ModelVersionRef:
 
 
 def download_model(cfg: RegistryConfig, model_version: str, dst: Path) -> Path:
-    """Fetch a registered version's exported files (its `model/` artifacts) into `dst`."""
+    """Fetch a registered version's `model/` artifacts into `dst`; the export directory
+    (inside the MLflow model, for an embedder) is what is returned."""
     from mlflow.artifacts import download_artifacts
 
     ref = parse_model_version(model_version)
@@ -218,7 +227,9 @@ def download_model(cfg: RegistryConfig, model_version: str, dst: Path) -> Path:
     client.get_model_version(ref.name, ref.version)  # a clear MlflowException if unknown
     uri = client.get_model_version_download_uri(ref.name, ref.version)
     Path(dst).mkdir(parents=True, exist_ok=True)
-    return Path(download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    from pipelines.mlflow_model import export_dir_of
+
+    return export_dir_of(Path(download_artifacts(artifact_uri=uri, dst_path=str(dst))))
 
 
 def version_for_alias(cfg: RegistryConfig, alias: str) -> ModelVersionRef | None:
@@ -226,12 +237,12 @@ def version_for_alias(cfg: RegistryConfig, alias: str) -> ModelVersionRef | None
     from mlflow.exceptions import MlflowException
 
     try:
-        aliases = _client(cfg).get_registered_model(cfg.model_name).aliases
+        mv = _client(cfg).get_model_version_by_alias(cfg.model_name, alias)
     except MlflowException as err:
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
-    return ModelVersionRef(cfg.model_name, str(aliases[alias])) if alias in aliases else None
+    return ModelVersionRef(cfg.model_name, str(mv.version))
 
 
 # --------------------------------------------------------------------------- rollout lookups
@@ -347,6 +358,7 @@ class PromotionDecision:
     champion_recall: float | None
     margin: float
     decided_at: str
+    note: str | None = None  # who asked and why (`loupe promote VERSION --reason ...`)
 
 
 def _recorded(mv, key: str) -> str:
@@ -370,8 +382,8 @@ def decide_promotion(challenger_recall: float, champion_recall: float | None, ma
 
 def promotion_gate(cfg: RegistryConfig, version: str | ModelVersionRef,
                    champion_recall: float | None = None,
-                   rescore: Callable[[ModelVersionRef], float] | None = None
-                   ) -> PromotionDecision:
+                   rescore: Callable[[ModelVersionRef], float] | None = None,
+                   note: str | None = None) -> PromotionDecision:
     """Move `champion` to `version` if its rater recall@10 beats the champion's by the margin.
 
     Recall figures come from the versions' tags. Different eval fingerprints mean the two
@@ -413,7 +425,7 @@ def promotion_gate(cfg: RegistryConfig, version: str | ModelVersionRef,
     decision = PromotionDecision(
         promoted, reason, ref.model_version, challenger_recall,
         None if champ is None else champ.model_version, champ_recall, cfg.promotion_margin,
-        datetime.now(UTC).isoformat(timespec="seconds"))
+        datetime.now(UTC).isoformat(timespec="seconds"), note)
     if promoted:
         client.set_registered_model_alias(ref.name, CHAMPION, ref.version)
     _record_decision(client, mv, decision)
@@ -424,10 +436,14 @@ def _record_decision(client, mv, decision: PromotionDecision) -> None:
     outcome = "promoted" if decision.promoted else "rejected"
     client.set_model_version_tag(mv.name, mv.version, "promotion_decision", outcome)
     client.set_model_version_tag(mv.name, mv.version, "promotion_reason", decision.reason)
+    if decision.note:
+        client.set_model_version_tag(mv.name, mv.version, "promotion_note", decision.note)
     if not mv.run_id:
         return
     client.set_tag(mv.run_id, "promotion.decision", outcome)
     client.set_tag(mv.run_id, "promotion.reason", decision.reason)
+    if decision.note:
+        client.set_tag(mv.run_id, "promotion.note", decision.note)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "decision.json"
         path.write_text(json.dumps(asdict(decision), indent=1))
@@ -448,7 +464,10 @@ def mlflow_ui_command(uri: str, port: int = 5000) -> list[str]:
 def add_cli(sub) -> None:
     p = sub.add_parser("promote", help="promotion gate: move alias champion if the challenger "
                                        "beats it on rater recall@10")
-    p.add_argument("--version", default=None, help="model version number (default: challenger)")
+    p.add_argument("version", nargs="?", default=CHALLENGER,
+                   help="N, loupe-embedder/N or 'challenger' (default)")
+    p.add_argument("--reason", required=True,
+                   help="why you ask, recorded with the gate's decision on the version and run")
     p.add_argument("--margin", type=float, default=RegistryConfig.promotion_margin)
     p.add_argument("--champion-recall", type=float, default=None,
                    help="champion's rater recall@10 re-measured on the challenger's eval set")
@@ -467,18 +486,27 @@ def _common(p) -> None:
 
 
 def _promote_cli(args) -> int:
+    """The one manual way to move `champion` (DVC and `loupe evaluate` register a challenger
+    only): the same gate as the retrain DAG's, the operator's reason recorded beside it."""
     cfg = RegistryConfig(args.tracking_uri, model_name=args.model_name,
                          promotion_margin=args.margin)
-    version = args.version
-    if version is None:
+    if not args.reason.strip():
+        raise ValueError("--reason must say why (it is recorded with the decision)")
+    version = str(args.version).strip()
+    if version == CHALLENGER:
         ref = version_for_alias(cfg, CHALLENGER)
         if ref is None:
             raise ValueError(f"model {cfg.model_name!r} has no '{CHALLENGER}' version; "
                              "run `loupe evaluate` first")
         version = ref.version
-    decision = promotion_gate(cfg, version, args.champion_recall)
+    elif not version.isdigit():
+        ref = parse_model_version(version)
+        if ref.name != cfg.model_name:
+            raise ValueError(f"{version} is not a version of {cfg.model_name!r}")
+        version = ref.version
+    decision = promotion_gate(cfg, version, args.champion_recall, note=args.reason.strip())
     print(json.dumps(asdict(decision), indent=1))
-    return 0
+    return 0 if decision.promoted else 1
 
 
 def _ui_cli(args) -> int:

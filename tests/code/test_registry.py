@@ -233,13 +233,27 @@ def test_registered_files_are_fetched_once_into_the_models_dir(cfg, tmp_path):
 
 def test_promote_cli(cfg, tmp_path, capsys):
     args = ["promote", "--tracking-uri", cfg.uri, "--model-name", cfg.model_name,
-            "--margin", "0.02"]
+            "--margin", "0.02", "--reason", "weekly review: beats champion on rater set"]
     assert cli.main(args) == 2  # nothing registered yet: a clear error, no traceback
     assert "no 'challenger' version" in capsys.readouterr().err
     _evaluated(cfg, tmp_path, 0.5)
     assert cli.main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["promoted"] and out["challenger"] == f"{cfg.model_name}/1"
+    assert out["note"] == "weekly review: beats champion on rater set"
+    client = reg._client(cfg)
+    mv = client.get_model_version(cfg.model_name, "1")
+    assert mv.tags["promotion_note"] == out["note"]
+    assert client.get_run(mv.run_id).data.tags["promotion.note"] == out["note"]
+    # a version that does not beat champion by the margin: refused, exit 1, champion stays
+    _evaluated(cfg, tmp_path, 0.51)
+    assert cli.main(args[:-2] + [f"{cfg.model_name}/2", "--reason", "try"]) == 1
+    assert not json.loads(capsys.readouterr().out)["promoted"]
+    assert reg.version_for_alias(cfg, reg.CHAMPION).version == "1"
+    with pytest.raises(SystemExit):  # the reason is required: promotion is an explicit act
+        cli.main(args[:-2])
+    assert cli.main(args[:-2] + ["other-model/2", "--reason", "x"]) == 2
+    assert "is not a version of" in capsys.readouterr().err
 
 
 def test_mlflow_ui_serves_the_same_store_on_localhost(cfg, store, tmp_path):

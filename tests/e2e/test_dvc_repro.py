@@ -25,7 +25,7 @@ def test_dvc_repro_tiny_world(tmp_path):
     params["world"]["size"] = "tiny"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     # the copied packages, not the editable install of the checkout, and a store of its own:
-    # `evaluate --promote` must not register the tiny world's model in the user's registry
+    # the tiny world's model must not be registered in the user's registry
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                PYTHONPATH=str(tmp_path), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db",
                LOUPE_ROOT=str(tmp_path))
@@ -35,6 +35,10 @@ def test_dvc_repro_tiny_world(tmp_path):
                               capture_output=True, text=True, timeout=600)
 
     assert dvc("init", "--no-scm", "-q").returncode == 0
+    from pipelines.pretrained import register_frozen_embedder
+    from pipelines.registry import CHALLENGER, CHAMPION, RegistryConfig, version_for_alias
+
+    serving = register_frozen_embedder(env["MLFLOW_TRACKING_URI"])  # a champion in service
     run = dvc("repro", "evaluate")  # online_study is tested in tests/code (minutes of replications)
     assert run.returncode == 0, run.stdout + run.stderr
     metrics = json.loads((tmp_path / "reports/harvest.json").read_text())
@@ -48,11 +52,19 @@ def test_dvc_repro_tiny_world(tmp_path):
             "train_seconds"} <= set(evaluation)
     assert set(evaluation["recall_at_k"]) == {"1", "5", "10", "50"}
     assert (tmp_path / "reports/eval/eval_report.html").stat().st_size > 10_000
-    # the candidate was registered and promoted in the test's own store
-    from pipelines.registry import CHAMPION, RegistryConfig, version_for_alias
-
-    champion = version_for_alias(RegistryConfig(env["MLFLOW_TRACKING_URI"]), CHAMPION)
-    assert champion is not None and champion.model_version == "loupe-embedder/1"
+    # the candidate was registered as challenger in the test's own store; champion untouched
+    # (promotion is the retrain DAG's gate or `loupe promote`, never a pipeline stage)
+    store = RegistryConfig(env["MLFLOW_TRACKING_URI"])
+    assert version_for_alias(store, CHAMPION).model_version == serving == "loupe-embedder/1"
+    assert version_for_alias(store, CHALLENGER).model_version == "loupe-embedder/2"
+    # rater recall@K as a data series DVC plots (and `dvc plots diff` compares)
+    shown = dvc("plots", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    series = json.loads(shown.stdout)["data"]["rater recall@K"][0]["content"]["data"][
+        "values"]
+    assert {(row["k"], row["rev"]) for row in series} >= {("1", "workspace"),
+                                                         ("50", "workspace")}
+    assert {row["field"] for row in series} == {"model", "frozen_pretrained", "naive_click"}
     # the train run records its per-epoch curve and the resolved package versions
     trained = json.loads((tmp_path / "runs/tiny/train_debiased/train.json").read_text())
     assert trained["curve"] and trained["versions"]["torch"].startswith("2.13.0")

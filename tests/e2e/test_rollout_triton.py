@@ -58,12 +58,14 @@ def _all_xcom_text(dr) -> str:
 
 def _register_frozen(cfg: LoupeConfig, world: Path, seed: int, out: Path) -> str:
     """Export the frozen pretrained embedder of `seed`, score it on the rater set and
-    register it with that score (what the retrain's evaluate step records)."""
+    register it, as an MLflow model, with that score (what the retrain's evaluate step
+    records)."""
     from models.embedder import EmbedderSpec, frozen_baseline
-    from models.export import export_embedder, export_files
+    from models.export import export_embedder
     from pipelines import evaluate as ev
     from pipelines import registry as reg
     from pipelines.embed import embed_fn_from_export
+    from pipelines.mlflow_model import save_embedder_model
 
     export_embedder(frozen_baseline(EmbedderSpec(seed=seed)).eval(), out)
     report = ev.evaluate_models({ev.CANDIDATE: embed_fn_from_export(out, world)}, world,
@@ -71,7 +73,7 @@ def _register_frozen(cfg: LoupeConfig, world: Path, seed: int, out: Path) -> str
     rcfg = reg.RegistryConfig(cfg.mlflow_tracking_uri)
     run = reg.log_run(rcfg, run_name=f"frozen-seed{seed}", params={"seed": seed},
                       metrics={reg.HEADLINE: report.headline}, artifacts={},
-                      model_files=export_files(out),
+                      mlflow_model=save_embedder_model(out, out.parent / f"{out.name}-mlflow"),
                       tags={reg.FINGERPRINT: report.fingerprint})
     return reg.register_model_version(rcfg, run, report.headline,
                                       report.fingerprint).model_version
@@ -153,6 +155,45 @@ def test_rollout_without_serving_exports_triton_and_moves_the_pointer(deployment
     assert "via" not in smoke and smoke["self_hits"] == smoke["queries"] == 10
     # the stack started afterwards serves exactly what the rollout made live
     assert dep.ready() == ("loupe-embedder/1", live)
+
+
+def test_the_registered_champion_loads_as_an_mlflow_model_and_matches_triton(deployment):
+    """`mlflow.pyfunc.load_model("models:/loupe-embedder@champion")` gives the vectors the
+    served embedder (Triton version 1 = loupe-embedder/1, live) gives for the same photos."""
+    import asyncio
+
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+
+    from models.preprocessing import check_box, decode_image, embed_input
+    from pipelines import registry as reg
+    from serving.api.triton_client import TritonModels
+
+    dep, uri = deployment, deployment.cfg.mlflow_tracking_uri
+    reg._client(reg.RegistryConfig(uri)).set_registered_model_alias(
+        reg.MODEL_NAME, reg.CHAMPION, "1")
+    mlflow.set_registry_uri(uri)
+    try:
+        champion = mlflow.pyfunc.load_model("models:/loupe-embedder@champion")
+    finally:
+        mlflow.set_registry_uri(None)
+    photos = [(dep.world / p).read_bytes() for p in
+              pd.read_parquet(dep.world / "tables" / "catalog.parquet").image_path[:4]]
+    boxes = np.array([[0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]] * 2, dtype=np.float32)
+    pixels = np.stack([embed_input(decode_image(b), check_box(box))
+                       for b, box in zip(photos, boxes, strict=True)])
+
+    async def served():
+        triton = TritonModels(dep.stack.triton.grpc_url, timeout_s=30)
+        try:
+            return await triton.embed(photos, boxes, version=1)
+        finally:
+            await triton.close()
+
+    vectors, model_version = asyncio.run(served())
+    assert model_version == "loupe-embedder/1"
+    np.testing.assert_allclose(champion.predict(pixels), vectors, atol=1e-5)
 
 
 def test_attached_rollout_switches_model_and_index_together_canary_fail_and_rollback(

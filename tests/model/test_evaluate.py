@@ -279,9 +279,11 @@ def test_html_report_has_one_grid_per_query_and_marks_hits(tiny_world, truth, tm
     assert '"fingerprint": "' + report.fingerprint in summary
 
 
-def test_publish_logs_metrics_artifacts_and_registers_the_model(tiny_world, truth, tmp_path):
+def test_publish_logs_metrics_artifacts_and_registers_the_model(tiny_world, truth, exports,
+                                                                 tmp_path):
     from mlflow import MlflowClient
 
+    from pipelines import registry as reg
     from pipelines.registry import RegistryConfig
 
     sets = [ev.load_rater_set(tiny_world),
@@ -291,10 +293,8 @@ def test_publish_logs_metrics_artifacts_and_registers_the_model(tiny_world, trut
                                  ev.NAIVE: product_then_junk(truth)}, tiny_world, sets)
     propensity = tmp_path / "propensity.png"
     Image.new("RGB", (60, 40), "white").save(propensity)
-    exported = tmp_path / "embedder.onnx"
-    exported.write_bytes(b"onnx graph bytes")
     cfg = RegistryConfig(f"sqlite:///{tmp_path}/mlflow.db")
-    out = ev.publish(report, sets, tiny_world, tmp_path / "reports", cfg, [exported],
+    out = ev.publish(report, sets, tiny_world, tmp_path / "reports", cfg, exports["a"],
                      params={"backbone": "oracle"}, propensity_png=propensity, promote=True)
 
     client = MlflowClient(cfg.uri, cfg.uri)
@@ -307,13 +307,30 @@ def test_publish_logs_metrics_artifacts_and_registers_the_model(tiny_world, trut
     assert run.data.params["n_queries_engagement"] == "30"
     listed = {a.path for d in ("plots", "report", "model", "promotion")
               for a in client.list_artifacts(out.run_id, d)}
-    assert listed == {"plots/recall_at_k.png", "plots/propensity.png",
-                      "report/eval_report.html", "report/eval_summary.json",
-                      "model/embedder.onnx", "promotion/decision.json"}
+    assert {"plots/recall_at_k.png", "plots/recall_at_k.csv", "plots/propensity.png",
+            "report/eval_report.html", "report/eval_summary.json", "model/MLmodel",
+            "model/artifacts", "model/input_example.json", "promotion/decision.json"} <= listed
     assert out.model_version == run.data.tags["model_version"] == "loupe-embedder/1"
     assert out.decision["promoted"] and out.decision["challenger_recall"] == 1.0
     mv = client.get_model_version_by_alias("loupe-embedder", "champion")
     assert str(mv.version) == "1" and mv.tags["eval_fingerprint"] == report.fingerprint
+    # an MLflow model: the champion loads by alias as a pyfunc, with its signature, and
+    # answers what the export (the graph Triton runs) answers
+    import mlflow.pyfunc
+
+    from models.export import ExportedEmbedder
+
+    mlflow.set_registry_uri(cfg.uri)
+    try:
+        champion = mlflow.pyfunc.load_model("models:/loupe-embedder@champion")
+    finally:
+        mlflow.set_registry_uri(None)
+    inputs = champion.metadata.get_input_schema().inputs[0]
+    assert (inputs.type, inputs.shape) == (np.dtype("float32"), (-1, 3, 128, 128))
+    pixels = np.random.default_rng(0).random((3, 3, 128, 128), dtype=np.float32)
+    np.testing.assert_allclose(champion.predict(pixels), ExportedEmbedder(exports["a"])(pixels),
+                               atol=1e-6)
+    assert reg.download_model(cfg, "loupe-embedder/1", tmp_path / "dl").name == "export"
 
 
 def test_evaluate_cli_rejects_bad_arguments_readably(tiny_world, tmp_path, capsys):
@@ -368,7 +385,7 @@ def test_cli_and_retrain_task_log_runs_of_the_same_shape(tiny_world, truth, expo
                      "--baseline", f"{ev.NAIVE}={exports['b']}", "--engagement",
                      str(engagement), "--train-json", str(train_json), "--out",
                      str(tmp_path / "cli"), "--metrics", str(tmp_path / "cli.json"),
-                     "--tracking-uri", cli_uri, "--promote"]) == 0
+                     "--tracking-uri", cli_uri]) == 0
     task_uri = f"sqlite:///{tmp_path}/task.db"
     done = ev.run_evaluate(ev.EvaluateConfig(), tiny_world, exports["a"],
                            {ev.NAIVE: exports["b"]}, tmp_path / "task",
@@ -394,6 +411,9 @@ def test_cli_and_retrain_task_log_runs_of_the_same_shape(tiny_world, truth, expo
                                                                                 (1, 0.4)]
     assert (tmp_path / "cli.json").read_text() == (tmp_path / "task.json").read_text()
     assert done.published.decision["promoted"]
+    # the CLI registers a challenger only: `loupe promote VERSION --reason` moves champion
+    assert "champion" not in c1.get_registered_model("loupe-embedder").aliases
+    assert str(c1.get_registered_model("loupe-embedder").aliases["challenger"]) == "1"
 
 
 def test_gate_rescores_a_champion_from_another_eval_set(tiny_world, exports, tmp_path):
