@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade -c constraints.txt pip $(PIP_QUIET)
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 $(PIP_QUIET)
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,coco]' $(PIP_QUIET)
+	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,dev,coco]' $(PIP_QUIET)
 	touch $(STAMP)
 
 venv: $(STAMP)

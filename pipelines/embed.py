@@ -410,14 +410,21 @@ class CatalogTreatment:
         return {"detector_version": self.detector_version, "pick_policy": str(self.policy)}
 
     def boxes(self, paths: Sequence[str]) -> np.ndarray:
-        """The box the policy picks in each photo, (n, 4) normalised."""
+        """The box the policy picks in each photo, (n, 4) normalised. Photos are decoded and
+        detected `batch_size` at a time: evaluation hands over the whole catalog at once,
+        and 20k decoded photos plus their detector inputs would not fit in memory."""
         from PIL import Image
 
-        images = [Image.open(Path(self.root) / p).convert("RGB") for p in paths]
-        return np.array([self.policy.pick(det, self.detector.categories,
-                                          self.categories.get(path))
-                         for path, det in zip(paths, self.detector.detect(images),
-                                              strict=True)], dtype=np.float64).reshape(-1, 4)
+        picked = []
+        for start in range(0, len(paths), self.batch_size):
+            chunk = paths[start:start + self.batch_size]
+            images = []
+            for path in chunk:
+                with Image.open(Path(self.root) / path) as im:
+                    images.append(im.convert("RGB"))
+            picked += [self.policy.pick(det, self.detector.categories, self.categories.get(path))
+                       for path, det in zip(chunk, self.detector.detect(images), strict=True)]
+        return np.array(picked, dtype=np.float64).reshape(-1, 4)
 
     def __call__(self, paths: Sequence[str], boxes: np.ndarray | None = None) -> np.ndarray:
         from models.embedder import embed_images

@@ -242,11 +242,13 @@ class BoxedDetector:
 
     def __init__(self):
         self.seen = []
+        self.calls = []  # images per detect() call
 
     def detect(self, images):
         from models.detector import Detections
 
         self.seen += [im.size for im in images]
+        self.calls.append(len(images))
         boxes = torch.tensor([[0.0, 0.0, 0.3, 0.6], [0.35, 0.35, 0.65, 0.65]])
         return [Detections(boxes, torch.tensor([0.9, 0.9]), torch.tensor([0, 1]))
                 for _ in images]
@@ -283,6 +285,12 @@ def test_catalog_photos_get_the_query_treatment(tiny_world):
     assert len(detector.seen) == 6
     assert treat.metadata == {"detector_version": "loupe-detector/7",
                               "pick_policy": "salient>whole"}
+    # a whole catalog at once (evaluation's call) is decoded and detected a batch at a time
+    batched = embed.CatalogTreatment(colour_embedder, detector, tiny_world, "loupe-detector/7",
+                                     PickPolicy(), batch_size=2)
+    detector.calls.clear()
+    np.testing.assert_allclose(batched.boxes(paths + paths[:2]), [salient[0]] * 5)
+    assert detector.calls == [2, 2, 1]
     by_category = embed.CatalogTreatment(
         colour_embedder, detector, tiny_world, "loupe-detector/7",
         PickPolicy.parse("category>salient>whole"), {paths[0]: "lamp", paths[1]: "sofa"})
