@@ -4,18 +4,20 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-# this machine's pip config names local indexes that may be absent: keep their noise out
-PIP_QUIET := 2> >(grep -v "is ignored: it is neither" >&2)
-
-.PHONY: venv browser real-photos demo demo-photos test test-fast bench lint clean-demo
+PIP_LOG := $(VENV)/pip-install.log
+# pip's own lines (build-backend warnings, this machine's absent local indexes) go to a log
+PIP := $(PY) -m pip install -q -c constraints.txt
+PIP_LOGGED = >> $(PIP_LOG) 2>&1 || { tail -n 30 $(PIP_LOG); echo "pip failed: see $(PIP_LOG)"; exit 1; }
 
 # constraints.txt pins every resolved version, so each machine gets the same install
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade -c constraints.txt pip $(PIP_QUIET)
-	$(PY) -m pip install -q -c constraints.txt torch==2.13.0 $(PIP_QUIET)
-	$(PY) -m pip install -q -c constraints.txt -e '.[cpu,dev,coco]' $(PIP_QUIET)
-	touch $(STAMP)
+	@echo "Installing Loupe's environment into $(VENV) (about 3 min; pip's output: $(PIP_LOG))"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PIP) --upgrade pip $(PIP_LOGGED)
+	@$(PIP) torch==2.13.0 $(PIP_LOGGED)
+	@$(PIP) -e '.[cpu,dev,coco]' $(PIP_LOGGED)
+	@touch $(STAMP)
+	@echo "Environment ready."
 
 venv: $(STAMP)
 

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import hmac
 import json
+import logging
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
@@ -42,7 +43,7 @@ from pydantic import BaseModel, Field
 from data_contracts.constants import GRID_SIZE
 from serving.api.errors import ApiError, Rejected, answer_api_error
 from serving.api.fanout import Fanout, LatencyTracker, ShardTopology
-from serving.api.metrics import Metrics, RequestCounter
+from serving.api.metrics import Metrics, RequestTelemetry, request_log
 from serving.api.rerank import RerankConfig
 from serving.api.search import DetectResult, SearchQuery, SearchResult, SearchService, Tables
 from serving.api.triton_client import TritonModels
@@ -143,13 +144,14 @@ async def detect(state: State, image: Annotated[UploadFile, File()]):
 
 
 @search_router.post("/v1/search", response_model=SearchResult)
-async def search(state: State, image: Annotated[UploadFile, File()],
+async def search(state: State, request: Request, image: Annotated[UploadFile, File()],
                  box: Annotated[str | None, Form()] = None,
                  box_index: Annotated[int | None, Form()] = None,
                  k: Annotated[int, Form()] = GRID_SIZE,
                  region: Annotated[str | None, Form()] = None):
     data = await image.read()
-    result = await state.service.search(SearchQuery(data, _form_box(box), box_index, k, region))
+    result = await state.service.search(SearchQuery(data, _form_box(box), box_index, k, region,
+                                                    request.state.request_id))
     # plain JSON types already: FastAPI's jsonable_encoder would cost ~0.2 ms per search
     return JSONResponse(asdict(result))
 
@@ -267,7 +269,15 @@ def create_app(settings: ApiSettings, routers: Sequence[APIRouter] = ()) -> Fast
                 await triton.close()
 
     app = FastAPI(title="Loupe search API", version="1", lifespan=lifespan)
-    app.add_middleware(RequestCounter, metrics=metrics)
+
+    def serving() -> tuple[str, str] | None:
+        state = getattr(app.state, "loupe", None)
+        if state is None:
+            return None
+        live = state.switcher.live
+        return live.model_version, live.index_version
+
+    app.add_middleware(RequestTelemetry, metrics=metrics, serving=serving)
     app.add_exception_handler(ApiError, answer_api_error)
     for router in (search_router, admin_router, demo_router, *routers):
         app.include_router(router)
@@ -285,6 +295,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 in a container")
     args = p.parse_args(argv)
     app = create_app(ApiSettings.from_json(args.settings))
+    handler = logging.StreamHandler()  # the stack sends this process's stderr to its log
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    request_log.addHandler(handler)
+    request_log.setLevel(logging.INFO)
+    request_log.propagate = False
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -55,6 +55,7 @@ class SearchQuery:
     box_index: int | None = None  # which detected box; None: the most salient one
     k: int = GRID_SIZE
     region: str | None = None
+    request_id: str | None = None  # the request log's id (serving/api/metrics.py); else new
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ class SearchService:
         timings["total_ms"] = total * 1000
         self.metrics.stage.labels("total").observe(total)
         return SearchResult(
-            request_id=uuid.uuid4().hex, model_version=live.model_version,
+            request_id=query.request_id or uuid.uuid4().hex, model_version=live.model_version,
             index_version=index_versions[0] if len(index_versions) == 1 else index_versions,
             box=[round(float(v), 4) for v in chosen], detected=detected,
             partial=fan.partial, missing_shards=fan.missing_shards,

@@ -263,3 +263,26 @@ def test_request_metrics_name_route_templates_count_every_status_and_stay_bounde
     assert counted == {("unmatched", "404"): 500.0, ("/world/{path:path}", "404"): 500.0,
                        ("/v1/search", "422"): 2.0, ("/v1/search", "200"): 1.0,
                        ("/admin/reload", "401"): 1.0, ("/v1/search", "500"): 1.0}
+
+
+def test_every_request_writes_one_json_log_line_with_its_id_and_versions(index, tmp_path,
+                                                                         caplog):
+    import json
+
+    client = search_api(index, tmp_path)
+    caplog.set_level("INFO", logger="loupe.requests")
+    r = client.post("/v1/search", files={"image": ("q.jpg", jpeg())},
+                    headers={"X-Request-ID": "shopper-42.a", "X-Admin-Token": "s3cret-token"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "shopper-42.a"
+    assert r.json()["request_id"] == "shopper-42.a"  # the result carries the log's id
+    r = client.get("/no/such/page", headers={"X-Request-ID": "not a plain token!"})
+    minted = r.headers["x-request-id"]
+    assert r.status_code == 404 and len(minted) == 32 and minted != "not a plain token!"
+    lines = [json.loads(rec.getMessage()) for rec in caplog.records
+             if rec.name == "loupe.requests"]
+    assert [(x["request_id"], x["route"], x["status"], x["method"]) for x in lines] == [
+        ("shopper-42.a", "/v1/search", 200, "POST"), (minted, "unmatched", 404, "GET")]
+    live = client.app.state.loupe.switcher.live
+    assert all((x["model_version"], x["index_version"]) ==
+               (live.model_version, live.index_version) and x["ms"] >= 0 for x in lines)
+    assert "s3cret-token" not in caplog.text and "no/such" not in caplog.text
