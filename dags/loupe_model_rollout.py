@@ -6,10 +6,12 @@ over together and smoke-query what is live.
 
 Triggered by hand (params: `model` = alias, registered version or `attributes/<seed>`;
 `detector` = registered `loupe-detector/N`, default the newest; `n_shards`; `dry_run` builds,
-exports and canaries but leaves live traffic alone) or by the champion asset a promoting
-`loupe_monthly_retrain` emits. With serving attached (`api_url` + the admin token in
-Variable `loupe_admin_token` or $LOUPE_ADMIN_TOKEN) the cutover is the search API's
-/admin/cutover and the smoke query goes through its /v1/search; without, the pointer moves.
+exports and canaries but leaves live traffic alone; `canary_min_rater_recall` /
+`canary_min_exact_overlap` override params.yaml's thresholds for this run) or by the
+champion asset a promoting `loupe_monthly_retrain` emits. With serving attached (`api_url`
++ the admin token in Variable `loupe_admin_token` or $LOUPE_ADMIN_TOKEN) the cutover is the
+search API's /admin/cutover and the smoke query goes through its /v1/search; without, the
+pointer moves.
 A failing canary or export fails the run before the cutover, so the previous version stays
 live; `loupe_rollback` flips back after a cutover. Attribute vectors skip the Triton export.
 
@@ -41,18 +43,29 @@ CHAMPION = Asset(CHAMPION_ASSET_URI)
     catchup=False,
     max_active_runs=1,
     default_args=default_args(),
-    params={
-        **config_params(),
-        "model": Param("champion", type="string", description=(
-            "alias (champion, challenger), registered version (loupe-embedder/3) or "
-            "attributes/<seed> (model-free vectors, benchmarks)")),
-        "detector": Param(None, type=["null", "string"], description=(
-            "registered detector version (loupe-detector/2) Triton serves beside the "
-            "embedder; default: the newest registered")),
-        "n_shards": Param(None, type=["null", "integer"], minimum=1,
+    params={  # the trigger form's order: what the operator decides first, paths last
+        "model": Param("champion", type="string", examples=["champion", "challenger"],
+                       title="Model to roll out", description=(
+                           "alias (champion, challenger), registered version "
+                           "(loupe-embedder/3) or attributes/<seed> (model-free vectors, "
+                           "benchmarks)")),
+        "dry_run": Param(False, type="boolean", title="Dry run",
+                         description="build, export and canary only; live traffic untouched"),
+        "canary_min_rater_recall": Param(None, type=["null", "number"], minimum=0, maximum=1,
+                                         section="Canary thresholds", description=(
+                                             "rater recall@k the new index must reach "
+                                             "(default: params.yaml index.canary)")),
+        "canary_min_exact_overlap": Param(None, type=["null", "number"], minimum=0, maximum=1,
+                                          section="Canary thresholds", description=(
+                                              "index top-k vs exact top-k overlap (default: "
+                                              "params.yaml index.canary)")),
+        "detector": Param(None, type=["null", "string"], section="Serving details",
+                          description=("registered detector version (loupe-detector/2) "
+                                       "Triton serves beside the embedder; default: the "
+                                       "newest registered")),
+        "n_shards": Param(None, type=["null", "integer"], minimum=1, section="Serving details",
                           description="shard count (default: params.yaml index.n_shards)"),
-        "dry_run": Param(False, type="boolean",
-                         description="build and canary only; live traffic untouched"),
+        **config_params(),
     },
     tags=["loupe", "index", "serving"],
     doc_md=__doc__,
@@ -125,11 +138,13 @@ def loupe_model_rollout():
         return export_triton(LoupeConfig(**config), plan["model_version"], plan["treatment"])
 
     @task(execution_timeout=timedelta(minutes=30))
-    def canary(config: dict, plan: dict) -> dict:
+    def canary(config: dict, plan: dict, params=None) -> dict:
         from pipelines.rollout import run_canary
         from pipelines.run_config import LoupeConfig
 
-        return run_canary(LoupeConfig(**config), plan["index_version"], plan["model_version"])
+        return run_canary(LoupeConfig(**config), plan["index_version"], plan["model_version"],
+                          {"min_rater_recall": params.get("canary_min_rater_recall"),
+                           "min_exact_overlap": params.get("canary_min_exact_overlap")})
 
     @task(execution_timeout=timedelta(minutes=10), trigger_rule="none_failed")
     def cutover(config: dict, plan: dict, params=None) -> dict:

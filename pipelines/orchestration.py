@@ -51,11 +51,15 @@ def for_run(config: Mapping[str, str], dag_run: Any) -> tuple[LoupeConfig, Path]
     return cfg, cfg.run_dir(dag_run.dag_id, dag_run.run_id)
 
 
+PATHS_SECTION = "Paths and serving (leave empty: Variables, environment, LOUPE_ROOT)"
+
+
 def config_params() -> dict[str, Any]:
-    """DAG params for every path (empty: Variable / environment / default, see module doc)."""
+    """DAG params for every path (empty: Variable / environment / default, see module doc),
+    in a collapsed section of the trigger form: what an operator decides comes first."""
     from airflow.sdk import Param
 
-    return {key: Param(None, type=["null", "string"],
+    return {key: Param(None, type=["null", "string"], section=PATHS_SECTION,
                        description=f"default: Variable {VARIABLE_PREFIX}{key}, ${env}, else "
                                    + ("none: no serving attached, cutover moves the index "
                                       "pointer only" if key == "api_url"

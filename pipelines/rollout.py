@@ -15,6 +15,7 @@ imports only the standard library and stdlib-only modules at module level.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -121,18 +122,31 @@ def finalize_index_once(version_dir: str, n_shards: int, source: Mapping[str, An
     return {k: manifest[k] for k in ("index_version", "model_version", "count", "n_shards")}
 
 
-def run_canary(cfg: LoupeConfig, index_version: str, model_version: str) -> dict:
+def canary_thresholds(base, overrides: Mapping[str, float | None] | None):
+    """params.yaml's canary thresholds with the operator's overrides (the rollout trigger
+    form's `canary_<name>` fields; None keeps the file's value)."""
+    known = {f.name for f in dataclasses.fields(base)}
+    chosen = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(chosen) - known)
+    if unknown:
+        raise ValueError(f"unknown canary threshold(s) {unknown}; known: {sorted(known)}")
+    return dataclasses.replace(base, **chosen)
+
+
+def run_canary(cfg: LoupeConfig, index_version: str, model_version: str,
+               thresholds: Mapping[str, float | None] | None = None) -> dict:
     """Probe the built version; a failing verdict raises pipelines.index.CanaryFailed
-    (nothing goes live)."""
+    (nothing goes live). `thresholds` override params.yaml's (see canary_thresholds)."""
     from pipelines.index import IndexParams, require_canary
 
-    params = IndexParams.load(Path(cfg.params_file))
+    params = canary_thresholds(IndexParams.load(Path(cfg.params_file)).canary, thresholds)
     # a real embedder also answers the rater queries
     queries = None if is_attribute_model(model_version) else registered_embed_fn(
         cfg.mlflow_tracking_uri, model_version, cfg.models_dir, cfg.world)
-    verdict = require_canary(cfg.index, index_version, cfg.world, params.canary, queries,
+    verdict = require_canary(cfg.index, index_version, cfg.world, params, queries,
                              expected_model_version=model_version)
-    return {"index_version": index_version, "passed": True, "metrics": verdict.metrics}
+    return {"index_version": index_version, "passed": True, "metrics": verdict.metrics,
+            "thresholds": dataclasses.asdict(params)}
 
 
 # --------------------------------------------------------------------------- models

@@ -145,3 +145,36 @@ def test_schedules(dagbag):
     assert schedules["loupe_monitoring"] == "@hourly"
     assert schedules["loupe_stream_ingest"] == timedelta(minutes=5)
     assert schedules["loupe_rollback"] is None
+
+
+def test_the_rollout_form_leads_with_what_the_operator_decides(dagbag):
+    """The trigger form: the model first, the dry-run switch and canary thresholds next,
+    paths last in their own (collapsed) section."""
+    from pipelines.orchestration import PATHS_SECTION
+
+    params = dagbag.dags["loupe_model_rollout"].params
+    keys = list(params.keys())
+    assert keys[:4] == ["model", "dry_run", "canary_min_rater_recall",
+                        "canary_min_exact_overlap"]
+    schema = {k: params.get_param(k).schema for k in keys}
+    assert {"champion", "challenger"} <= set(schema["model"]["examples"])
+    assert {k for k, s in schema.items() if s.get("section") == PATHS_SECTION} == set(
+        CONFIG_ENV)
+    assert keys[-len(CONFIG_ENV):] == list(CONFIG_ENV)
+    for dag_id in ("loupe_rollback", "loupe_monthly_retrain"):
+        dag_params = dagbag.dags[dag_id].params
+        assert all(dag_params.get_param(k).schema["section"] == PATHS_SECTION
+                   for k in CONFIG_ENV)
+
+
+def test_canary_thresholds_from_the_form_override_params_yaml():
+    from pipelines.index import CanaryParams
+    from pipelines.rollout import canary_thresholds
+
+    base = CanaryParams()
+    chosen = canary_thresholds(base, {"min_rater_recall": 0.5, "min_exact_overlap": None})
+    assert (chosen.min_rater_recall, chosen.min_exact_overlap) == (0.5,
+                                                                  base.min_exact_overlap)
+    assert canary_thresholds(base, None) == base
+    with pytest.raises(ValueError, match="unknown canary threshold"):
+        canary_thresholds(base, {"min_recal": 0.5})

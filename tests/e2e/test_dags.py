@@ -182,6 +182,7 @@ def test_retrain_harvests_trains_evaluates_registers_and_promotes(dags, tiny_wor
     assert rollout.state == "success", states(rollout)
     canary = xcom(rollout, "canary")
     assert canary["metrics"]["rater_recall"] >= 0.3
+    assert canary["thresholds"]["min_rater_recall"] == 0.3  # params.yaml: no form override
     live = pointer.read(cfg.index, layout.CURRENT)
     manifest = json.loads((layout.version_dir(cfg.index, live) / "manifest.json").read_text())
     assert manifest["model_version"] == "loupe-embedder/1"
