@@ -538,7 +538,8 @@ def publish(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: P
             propensity_png: Path | None = None, promote: bool = False,
             n_report_queries: int = 20, run_name: str | None = None,
             extra_metrics: Mapping[str, float] | None = None, batch_size: int = 64,
-            detector: tuple[Path, str] | None = None) -> Published:
+            detector: tuple[Path, str] | None = None,
+            inputs: Mapping[str, tuple[Path, str]] | None = None) -> Published:
     """Write the reports, log one MLflow run (params, every metric, plots, HTML report, the
     export as an MLflow pyfunc model), register it as a new `challenger` version and, if
     asked, run the promotion gate (which re-scores a champion measured on another set on
@@ -564,7 +565,7 @@ def publish(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: P
             params=run_params, metrics={**report.flat_metrics(), **(extra_metrics or {})},
             artifacts={"plots": plots, "report": [paths["html"], paths["summary"]]},
             mlflow_model=save_embedder_model(Path(export_dir), Path(tmp) / "model"),
-            tags={registry.FINGERPRINT: report.fingerprint})
+            inputs=inputs, tags={registry.FINGERPRINT: report.fingerprint})
     ref = registry.register_model_version(registry_cfg, run, report.headline, report.fingerprint)
     decision = registry.promotion_gate(
         registry_cfg, ref, rescore=_rater_rescorer(registry_cfg, sets, world, batch_size,
@@ -572,6 +573,22 @@ def publish(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: P
     ) if promote else None
     return Published(paths, run.run_id, ref.model_version,
                      None if decision is None else asdict(decision))
+
+
+def eval_inputs(world: Path, engagement: Path | None, training_pairs: str | None
+                ) -> dict[str, tuple[Path, str]]:
+    """The run's data lineage, logged as MLflow dataset inputs with content digests: the
+    catalog and rater set (and engagement set) it was measured on, the harvested pairs the
+    candidate was trained on (train.json's `pairs`)."""
+    tables = Path(world) / "tables"
+    inputs = {"catalog": (tables / "catalog.parquet", "evaluation"),
+              "rater_queries": (tables / "rater_queries.parquet", "evaluation"),
+              "rater_judgments": (tables / "rater_judgments.parquet", "evaluation")}
+    if engagement is not None:
+        inputs["engagement_eval"] = (Path(engagement), "evaluation")
+    if training_pairs and Path(training_pairs).is_file():
+        inputs["training_pairs"] = (Path(training_pairs), "training")
+    return inputs
 
 
 def _rater_rescorer(registry_cfg, sets: Sequence[EvalSet], world: Path, batch_size: int,
@@ -689,7 +706,8 @@ def run_evaluate(config: EvaluateConfig, world: Path, model: Path,
             extra_metrics={k: float(train_info[k]) for k in
                            ("train_seconds", "best_val_style_recall_at_10")
                            if train_info.get(k) is not None},
-            batch_size=config.batch_size, detector=detector)
+            batch_size=config.batch_size, detector=detector,
+            inputs=eval_inputs(world, engagement, train_info.get("pairs")))
         _log_curve(reg_cfg, published.run_id, train_info.get("curve", []))
         paths = published.paths
     else:

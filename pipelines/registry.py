@@ -109,11 +109,14 @@ class LoggedRun:
 def log_run(cfg: RegistryConfig, *, run_name: str, params: Mapping[str, Any],
             metrics: Mapping[str, float], artifacts: Mapping[str, Sequence[Path]],
             model_files: Sequence[Path] = (), tags: Mapping[str, str] | None = None,
-            mlflow_model: Path | None = None) -> LoggedRun:
+            mlflow_model: Path | None = None,
+            inputs: Mapping[str, tuple[Path, str]] | None = None) -> LoggedRun:
     """One finished run: params, metrics, `artifacts` ({artifact dir: files}), and under
     `model/` either an MLflow model directory (`mlflow_model`, the embedder's: see
-    pipelines/mlflow_model.py) or exported model files. A failure mid-way marks the run
-    FAILED."""
+    pipelines/mlflow_model.py) or exported model files; `inputs` ({name: (file, context)},
+    e.g. the catalog for "evaluation") as MLflow dataset inputs whose digest is the file's
+    sha256, so two runs on the same data show the same digest. A failure mid-way marks the
+    run FAILED."""
     from mlflow.entities import Metric, Param, RunTag
 
     if mlflow_model is not None and model_files:
@@ -141,6 +144,9 @@ def log_run(cfg: RegistryConfig, *, run_name: str, params: Mapping[str, Any],
         for dest, group in artifacts.items():
             for p in group:
                 client.log_artifact(run_id, str(p), artifact_path=dest or None)
+        if inputs:
+            client.log_inputs(run_id, datasets=[dataset_input(name, Path(path), context)
+                                                for name, (path, context) in inputs.items()])
         if mlflow_model is not None:
             client.log_artifacts(run_id, str(mlflow_model), artifact_path=MODEL_ARTIFACT_DIR)
         for p in map(Path, model_files):
@@ -154,6 +160,34 @@ def log_run(cfg: RegistryConfig, *, run_name: str, params: Mapping[str, Any],
         raise
     client.set_terminated(run_id, status="FINISHED")
     return LoggedRun(run_id, run.info.experiment_id, run.info.artifact_uri)
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, the first 16 hex digits (MLflow shows dataset digests
+    short)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def dataset_input(name: str, path: Path, context: str):
+    """A local table file as an MLflow dataset input: name, content digest, its path, and
+    its row count and columns (parquet metadata only, the rows are not read)."""
+    import pyarrow.parquet as pq
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    profile = schema = None
+    if path.suffix == ".parquet":
+        meta = pq.read_metadata(path)
+        profile = json.dumps({"num_rows": meta.num_rows})
+        schema = json.dumps({"columns": meta.schema.to_arrow_schema().names})
+    dataset = Dataset(name, file_digest(path), "local", json.dumps({"uri": str(path.resolve())}),
+                      schema, profile)
+    return DatasetInput(dataset, [InputTag("mlflow.data.context", context)])
 
 
 # --------------------------------------------------------------------------- versions

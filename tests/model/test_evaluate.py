@@ -363,8 +363,9 @@ def exports(tmp_path_factory) -> dict[str, Path]:
             for name, seed in (("a", 0), ("b", 1))}
 
 
-def _train_json(path: Path) -> Path:
-    path.write_text('{"train_seconds": 12.5, "best_val_style_recall_at_10": 0.4, '
+def _train_json(path: Path, pairs: Path | None = None) -> Path:
+    path.write_text((f'{{"pairs": "{pairs}", ' if pairs else '{') +
+                    '"train_seconds": 12.5, "best_val_style_recall_at_10": 0.4, '
                     '"config": {"seed": 0, "lr": 0.0005}, "versions": {"torch": "2.13.0"}, '
                     '"curve": [{"epoch": 0, "train_loss": 3.1, "val_style_recall_at_10": 0.3},'
                     ' {"epoch": 1, "train_loss": 2.9, "val_style_recall_at_10": 0.4}]}')
@@ -379,7 +380,7 @@ def test_cli_and_retrain_task_log_runs_of_the_same_shape(tiny_world, truth, expo
     from pipelines import cli
 
     engagement = _engagement_file(tiny_world, truth, tmp_path / "e.parquet")
-    train_json = _train_json(tmp_path / "train.json")
+    train_json = _train_json(tmp_path / "train.json", pairs=engagement)
     cli_uri = f"sqlite:///{tmp_path}/cli.db"
     assert cli.main(["evaluate", "--world", str(tiny_world), "--model", str(exports["a"]),
                      "--baseline", f"{ev.NAIVE}={exports['b']}", "--engagement",
@@ -411,6 +412,21 @@ def test_cli_and_retrain_task_log_runs_of_the_same_shape(tiny_world, truth, expo
                                                                                 (1, 0.4)]
     assert (tmp_path / "cli.json").read_text() == (tmp_path / "task.json").read_text()
     assert done.published.decision["promoted"]
+    # data lineage: the same tables, the same digests, on both runs
+    from pipelines.registry import file_digest
+
+    def lineage(run):
+        return {(d.dataset.name, d.dataset.digest, d.tags[0].value)
+                for d in run.inputs.dataset_inputs}
+
+    assert lineage(r1) == lineage(r2) == {
+        ("catalog", file_digest(tiny_world / "tables" / "catalog.parquet"), "evaluation"),
+        ("rater_queries", file_digest(tiny_world / "tables" / "rater_queries.parquet"),
+         "evaluation"),
+        ("rater_judgments", file_digest(tiny_world / "tables" / "rater_judgments.parquet"),
+         "evaluation"),
+        ("engagement_eval", file_digest(engagement), "evaluation"),
+        ("training_pairs", file_digest(engagement), "training")}
     # the CLI registers a challenger only: `loupe promote VERSION --reason` moves champion
     assert "champion" not in c1.get_registered_model("loupe-embedder").aliases
     assert str(c1.get_registered_model("loupe-embedder").aliases["challenger"]) == "1"
