@@ -80,7 +80,10 @@ def test_the_demo_console_is_progress_lines_then_the_banner(tmp_path):
                   "[evaluate] loupe-embedder/2: rater recall@10",
                   "[loupe_model_rollout] Triton install"):
         assert any(t.startswith(stage) for t in text), (stage, text)
-    assert first_search_s < 120, first_search_s  # the tiny world's first shop
+    # served before the whole world is even generated (the 5-minute bound on a quiet machine
+    # is measured by `make demo`, not asserted here: a shared CI box is not quiet)
+    world_starts = next(i for i, t in enumerate(text) if t.startswith("[world] generating"))
+    assert ready < world_starts and first_search_s < 600, (ready, world_starts, first_search_s)
     # the retrain's champion replaced the first index live, through the API's cutover
     assert any(t.startswith("Serving loupe-embedder/2 (index ") for t in text), text
     assert text[-1] == BANNER_END
