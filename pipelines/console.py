@@ -5,7 +5,8 @@ Lightning's and MLflow's lines, tqdm bars, warnings and the output of the server
 tritonserver included, all land there), keeps the terminal for one line per stage: what it
 is, roughly how long it takes on 2 cores, when it is done and what it made; and a heartbeat
 while a stage runs longer than `heartbeat_s` without a line, naming the latest thing Loupe's
-own loggers said, so a newcomer never watches a silent terminal for more than 30 s.
+own loggers said, so a newcomer never watches a silent terminal for more than 30 s (on a
+terminal the heartbeat rewrites one status line in place; piped, it is a line).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class DemoConsole:
         self.terminal = self._terminal_arg or os.fdopen(os.dup(self._saved[0]), "w",
                                                         buffering=1)
         self._log = open(self.log_path, "a", buffering=1)  # noqa: SIM115 (closed in __exit__)
+        self._tty, self._status_shown = self.terminal.isatty(), False
         os.dup2(self._log.fileno(), 1)
         os.dup2(self._log.fileno(), 2)
         for name in OWN_LOGGERS:  # their INFO progress lines: the heartbeat's, and the log's
@@ -100,9 +102,28 @@ class DemoConsole:
     def say(self, text: str) -> None:
         """One line on the terminal (and in the log, to keep the log's story whole)."""
         with self._lock:
+            self._clear_status()
             print(text, file=self.terminal, flush=True)
             print(f"[console] {text}", file=self._log, flush=True)
             self._last_line = time.monotonic()
+
+    def _status(self, text: str) -> None:
+        """A heartbeat: on a terminal one status line rewritten in place (the console stays
+        short however long a stage runs); piped, a line like any other."""
+        if not self._tty:
+            self.say(text)
+            return
+        with self._lock:
+            self.terminal.write("\r\x1b[K" + text)
+            self.terminal.flush()
+            self._status_shown = True
+            print(f"[console] {text}", file=self._log, flush=True)
+            self._last_line = time.monotonic()
+
+    def _clear_status(self) -> None:
+        if self._status_shown:
+            self.terminal.write("\r\x1b[K")
+            self._status_shown = False
 
     @contextmanager
     def stage(self, name: str, doing: str, estimate_s: float | None = None,
@@ -139,4 +160,4 @@ class DemoConsole:
                 now = detail() if detail else self._latest.message
             except Exception as err:  # the heartbeat must never stop the demo
                 now = f"(status unavailable: {type(err).__name__})"
-            self.say(f"[{name}] {_clock(elapsed)} elapsed{left}" + (f": {now}" if now else ""))
+            self._status(f"[{name}] {_clock(elapsed)} elapsed{left}" + (f": {now}" if now else ""))
