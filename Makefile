@@ -54,6 +54,14 @@ test-fast: lint
 bench: venv
 	nice -n 10 $(PY) bench/run.py $(BENCH_ARGS)
 
+# the seed study as DVC experiments: one queued `dvc exp run evaluate -S train.seed=N` per seed, run
+# one at a time (two cores), summarised from `dvc exp show` -> reports/seed_study.json
+SEEDS ?= 0 1 2
+seed-study: venv
+	@for s in $(SEEDS); do $(VENV)/bin/dvc exp run --queue evaluate -S train.seed=$$s -n seed-$$s; done
+	$(VENV)/bin/dvc exp run --run-all --jobs 1
+	$(PY) bench/seed_study.py
+
 # ruff is the static check; mypy is not run (85 errors in 24 files when last tried)
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -13,7 +13,9 @@ champion asset a promoting `loupe_monthly_retrain` emits. With serving attached 
 search API's /admin/cutover and the smoke query goes through its /v1/search; without, the
 pointer moves.
 A failing canary or export fails the run before the cutover, so the previous version stays
-live; `loupe_rollback` flips back after a cutover. Attribute vectors skip the Triton export.
+live; `loupe_rollback` flips back after a cutover. The run's page shows the canary's verdict
+(asset event `loupe://serving/canary`) and what went live (`loupe://serving/live`).
+Attribute vectors skip the Triton export.
 
 Configuration only: task bodies live in `pipelines/rollout.py` (run config and defaults in
 `pipelines/orchestration.py`, the model lookup in `pipelines/registry.py`).
@@ -24,16 +26,20 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk import Asset, Param, dag, get_current_context, task, teardown
 
 from pipelines.orchestration import (
+    CANARY_ASSET_URI,
     CHAMPION_ASSET_URI,
+    LIVE_ASSET_URI,
     SHARD_BUILD_POOL,
     config_params,
     default_args,
 )
 
 CHAMPION = Asset(CHAMPION_ASSET_URI)
+CANARY = Asset(CANARY_ASSET_URI)
+LIVE = Asset(LIVE_ASSET_URI)
 
 
 @dag(
@@ -89,10 +95,14 @@ def loupe_model_rollout():
 
     @task(execution_timeout=timedelta(minutes=5))
     def plan(config: dict, model_version: str, params=None, dag_run=None) -> dict:
-        from pipelines.orchestration import for_run
-        from pipelines.rollout import plan_rollout
+        """Takes the index root's rollout lease first: another rollout running refuses this
+        one, its holder named in the error."""
+        from pipelines.orchestration import for_run, run_owner
+        from pipelines.rollout import claim_rollout, plan_rollout
 
-        return plan_rollout(*for_run(config, dag_run), model_version, dag_run.run_after,
+        cfg, run_dir = for_run(config, dag_run)
+        claim_rollout(cfg, run_owner(dag_run), model_version)
+        return plan_rollout(cfg, run_dir, model_version, dag_run.run_after,
                             params["n_shards"], params["detector"])
 
     @task
@@ -137,14 +147,19 @@ def loupe_model_rollout():
 
         return export_triton(LoupeConfig(**config), plan["model_version"], plan["treatment"])
 
-    @task(execution_timeout=timedelta(minutes=30))
-    def canary(config: dict, plan: dict, params=None) -> dict:
+    @task(execution_timeout=timedelta(minutes=30), outlets=[CANARY])
+    def canary(config: dict, plan: dict, params=None, outlet_events=None) -> dict:
+        """A passing verdict is the run's `loupe://serving/canary` event (a failing one
+        fails this task, its reason in the log)."""
         from pipelines.rollout import run_canary
         from pipelines.run_config import LoupeConfig
 
-        return run_canary(LoupeConfig(**config), plan["index_version"], plan["model_version"],
-                          {"min_rater_recall": params.get("canary_min_rater_recall"),
-                           "min_exact_overlap": params.get("canary_min_exact_overlap")})
+        verdict = run_canary(LoupeConfig(**config), plan["index_version"],
+                             plan["model_version"],
+                             {"min_rater_recall": params.get("canary_min_rater_recall"),
+                              "min_exact_overlap": params.get("canary_min_exact_overlap")})
+        outlet_events[CANARY].extra = {"model_version": plan["model_version"], **verdict}
+        return verdict
 
     @task(execution_timeout=timedelta(minutes=10), trigger_rule="none_failed")
     def cutover(config: dict, plan: dict, params=None) -> dict:
@@ -158,12 +173,25 @@ def loupe_model_rollout():
                                        "its canary; live traffic untouched")
         return cutover_once(LoupeConfig(**config), plan["index_version"])
 
-    @task(execution_timeout=timedelta(minutes=10))
-    def smoke_query(config: dict, plan: dict) -> dict:
+    @task(execution_timeout=timedelta(minutes=10), outlets=[LIVE])
+    def smoke_query(config: dict, plan: dict, outlet_events=None) -> dict:
+        """What went live, as the run's `loupe://serving/live` event."""
+        from pipelines.orchestration import live_event
         from pipelines.rollout import smoke_query
         from pipelines.run_config import LoupeConfig
 
-        return smoke_query(LoupeConfig(**config), plan["index_version"])
+        smoke = smoke_query(LoupeConfig(**config), plan["index_version"])
+        outlet_events[LIVE].extra = live_event("rollout", smoke)
+        return smoke
+
+    @teardown
+    def release_lease(config: dict, dag_run=None) -> bool:
+        """Runs however the run ended; frees only this run's own lease."""
+        from pipelines.orchestration import run_owner
+        from pipelines.rollout import release_rollout
+        from pipelines.run_config import LoupeConfig
+
+        return release_rollout(LoupeConfig(**config), run_owner(dag_run))
 
     config = configure()
     rollout = plan(config, resolve_model(config))
@@ -175,7 +203,8 @@ def loupe_model_rollout():
     exported = export_triton(config, rollout)  # runs beside the re-embedding
     verdict = canary(config, rollout)
     built >> finalize_index(rollout) >> verdict
-    [verdict, exported] >> cutover(config, rollout) >> smoke_query(config, rollout)
+    [verdict, exported] >> cutover(config, rollout) >> smoke_query(config, rollout) \
+        >> release_lease(config)
 
 
 loupe_model_rollout()

@@ -3,6 +3,7 @@ smoke-query it. The previous version's shards and Triton model stay loaded and w
 while after a cutover, so serving flips without a reload. With serving attached (`api_url`
 + admin token, as for `loupe_model_rollout`) the flip is the search API's /admin/rollback,
 which moves the model and the index together, and the smoke query goes through its search.
+What serves afterwards is the run's asset event `loupe://serving/live`.
 
 Configuration only: task bodies live in `pipelines/rollout.py`.
 """
@@ -12,9 +13,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import dag, task
+from airflow.sdk import Asset, dag, task
 
-from pipelines.orchestration import config_params, default_args
+from pipelines.orchestration import LIVE_ASSET_URI, config_params, default_args
+
+LIVE = Asset(LIVE_ASSET_URI)
 
 
 @dag(
@@ -42,12 +45,17 @@ def loupe_rollback():
 
         return rollback_live(LoupeConfig(**config))
 
-    @task(execution_timeout=timedelta(minutes=10))
-    def smoke_query(config: dict, moved: dict) -> dict:
+    @task(execution_timeout=timedelta(minutes=10), outlets=[LIVE])
+    def smoke_query(config: dict, moved: dict, outlet_events=None) -> dict:
+        """What serves after the flip, as the run's `loupe://serving/live` event."""
+        from pipelines.orchestration import live_event
         from pipelines.rollout import smoke_query
         from pipelines.run_config import LoupeConfig
 
-        return smoke_query(LoupeConfig(**config), moved["to"])
+        smoke = smoke_query(LoupeConfig(**config), moved["to"])
+        outlet_events[LIVE].extra = live_event("rollback", smoke,
+                                               rolled_back_from=moved.get("from"))
+        return smoke
 
     config = configure()
     smoke_query(config, rollback(config))

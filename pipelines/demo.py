@@ -306,8 +306,8 @@ def run_demo(root: Path, params: Path | None = None, serve: bool = True,
             f"  eval metrics           {result['eval_json']}\n"
             f"  MLflow                 loupe mlflow-ui  (http://127.0.0.1:5000)\n"
             f"  DAG timings            {_rel(report, root)}\n"
-            f"  Airflow UI             AIRFLOW_HOME={airflow_home} .venv/bin/airflow standalone"
-            "  (http://127.0.0.1:8080)\n"
+            f"  Airflow UI             AIRFLOW_HOME={airflow_home} AIRFLOW__API__HOST=127.0.0.1"
+            " .venv/bin/airflow standalone  (http://127.0.0.1:8080)\n"
             f"  live index             {live['to']}\n"
             f"  library logs           {_rel(log_path, root)}")
         if stack is not None:

@@ -38,11 +38,13 @@ from pipelines.embed import embed_fn_from_export
 
 KS: tuple[int, ...] = (1, 5, 10, 50)
 REPORT_TOP = 10  # results shown per query in the HTML report
+N_CHANGED = 8  # improved / regressed queries shown with both models' grids
 RATER_SET = "rater"
 ENGAGEMENT_SET = "engagement"
 CANDIDATE = "model"
 FROZEN_BASELINE = "frozen_pretrained"
 NAIVE = "naive_click"
+CHAMPION_LABEL = "champion"  # the registry's champion, scored beside the candidate
 
 EmbedFn = Callable[[Sequence[str], np.ndarray | None], np.ndarray]
 
@@ -246,6 +248,7 @@ class EvalReport:
     fingerprint: str
     models: dict[str, ModelResult] = field(default_factory=dict)
     treatment: str = WHOLE_PHOTOS  # how catalog photos became vectors (detector, policy)
+    champion_version: str | None = None  # the registered champion scored as CHAMPION_LABEL
 
     @property
     def headline(self) -> float:
@@ -373,18 +376,17 @@ def plot_recall(report: EvalReport, out_png: Path) -> Path:
     return out_png
 
 
-def pick_report_queries(eval_set: EvalSet, n: int) -> list[int]:
-    """Up to n query indices, round-robin over categories so every category is shown."""
-    by_cat: dict[str, list[int]] = {}
-    for i in np.argsort(eval_set.query_ids, kind="stable"):
-        by_cat.setdefault(eval_set.categories[i], []).append(int(i))
-    picked: list[int] = []
-    queues = [by_cat[c] for c in sorted(by_cat)]
-    while len(picked) < n and any(queues):
-        for q in queues:
-            if q and len(picked) < n:
-                picked.append(q.pop(0))
-    return picked
+def _thumbnailer(world: Path) -> Callable[[str, int, Sequence[float] | None], str]:
+    """Base64 JPEG thumbnails of world photos, each made once per report (a catalog photo
+    turns up in many grids)."""
+    made: dict[tuple, str] = {}
+
+    def thumb(rel: str, px: int, box: Sequence[float] | None = None) -> str:
+        key = (rel, px, None if box is None else tuple(float(b) for b in box))
+        if key not in made:
+            made[key] = _thumb_b64(Path(world) / rel, px, box)
+        return made[key]
+    return thumb
 
 
 def _thumb_b64(path: Path, px: int, box: Sequence[float] | None = None) -> str:
@@ -402,14 +404,123 @@ def _thumb_b64(path: Path, px: int, box: Sequence[float] | None = None) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+# --------------------------------------------------------------------------- review tables
+def bootstrap_ci(values: Sequence[float], level: float = 0.95, n_resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap CI of a mean over queries (scipy); None below two queries, where
+    resampling says nothing."""
+    from scipy import stats
+
+    values = np.asarray(values, float)
+    if len(values) < 2:
+        return None
+    ci = stats.bootstrap((values,), np.mean, n_resamples=n_resamples, confidence_level=level,
+                         method="percentile", rng=np.random.default_rng(seed)
+                         ).confidence_interval
+    return float(ci.low), float(ci.high)
+
+
+def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], n_resamples: int = 2000,
+                        level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """CI of mean(a - b) over the same queries, resampled together (scipy's paired
+    bootstrap): is a gap between two models bigger than what the choice of rater queries
+    alone would produce?"""
+    from scipy import stats
+
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"need two equally long per-query lists of at least two queries, got "
+                         f"{len(a)} and {len(b)}")
+    ci = stats.bootstrap((np.asarray(a, float), np.asarray(b, float)),
+                         lambda x, y, axis=-1: np.mean(x - y, axis=axis), paired=True,
+                         vectorized=True, n_resamples=n_resamples, confidence_level=level,
+                         method="percentile", rng=np.random.default_rng(seed)
+                         ).confidence_interval
+    return float(ci.low), float(ci.high)
+
+
+def reference_label(report: EvalReport) -> str | None:
+    """What the candidate is compared with query by query: the serving champion when it
+    was scored, else the frozen pretrained baseline."""
+    return next((label for label in (CHAMPION_LABEL, FROZEN_BASELINE)
+                 if label in report.models and label != report.candidate), None)
+
+
+def per_query_table(report: EvalReport, eval_set: EvalSet, k: int = 10) -> pd.DataFrame:
+    """One row per query: id, category, photo, relevant count, every model's recall@k and the
+    candidate's change against the reference (the table logged with `mlflow.log_table`)."""
+    df = pd.DataFrame({"query_id": eval_set.query_ids, "category": eval_set.categories,
+                       "image_path": eval_set.query_paths,
+                       "n_relevant": [len(r) for r in eval_set.relevant]})
+    for label, m in report.models.items():
+        df[f"{label}_recall_at_{k}"] = m.sets[eval_set.name].query_recall[k]
+    ref = reference_label(report)
+    if ref is not None:
+        df[f"delta_vs_{ref}"] = (df[f"{report.candidate}_recall_at_{k}"]
+                                 - df[f"{ref}_recall_at_{k}"])
+    return df
+
+
+def category_recall(report: EvalReport, eval_set: EvalSet, k: int = 10) -> list[dict]:
+    """Recall@k per query category (and `all`) for every model with its 95 % bootstrap CI
+    over that category's queries, and the candidate's paired gap to the reference."""
+    cats = np.asarray(eval_set.categories)
+    ref = reference_label(report)
+    per_query = {label: np.asarray(m.sets[eval_set.name].query_recall[k])
+                 for label, m in report.models.items()}
+    rows = []
+    for cat in [*sorted(set(cats.tolist())), "all"]:
+        mask = np.ones(len(cats), bool) if cat == "all" else cats == cat
+        row: dict = {"category": cat, "n_queries": int(mask.sum()), "models": {
+            label: {"recall": float(v[mask].mean()), "ci95": bootstrap_ci(v[mask])}
+            for label, v in per_query.items()}}
+        if ref is not None:
+            ours, theirs = per_query[report.candidate][mask], per_query[ref][mask]
+            row["gap"] = {"vs": ref, "diff": float((ours - theirs).mean()),
+                          "ci95": paired_bootstrap_ci(ours, theirs) if mask.sum() >= 2
+                          else None}
+        rows.append(row)
+    return rows
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """The promotion gate's verdict on this evaluation, shown at the top of the report."""
+
+    promote: bool
+    reason: str
+    champion: str | None  # the registered champion it was compared with
+    applied: bool  # the retrain gate acts on it in this run; else advisory
+
+
+def gate_verdict(report: EvalReport, margin: float, applied: bool) -> GateVerdict:
+    """The gate's rule (pipelines.registry.decide_promotion) on this run's numbers: the
+    candidate against the champion scored beside it on the same set."""
+    from pipelines.registry import decide_promotion
+
+    champ = report.models.get(CHAMPION_LABEL)
+    promote, reason = decide_promotion(
+        report.headline, None if champ is None else champ.sets[RATER_SET].recall[10], margin)
+    return GateVerdict(promote, reason, report.champion_version, applied)
+
+
+# --------------------------------------------------------------------------- HTML report
 _CSS = """
-body{font-family:system-ui,sans-serif;margin:20px;color:#222}
+body{font-family:system-ui,sans-serif;margin:20px;color:#222;max-width:1500px}
 table.m{border-collapse:collapse;margin-bottom:18px}
 table.m td,table.m th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-.grid{display:flex;align-items:flex-start;gap:6px;margin:10px 0;padding:8px;
+table.m td:first-child,table.m th:first-child{text-align:left}
+.ci{color:#777;font-size:11px}
+.up{color:#1a7f37}.down{color:#c0362c}
+.decision{padding:10px 14px;border-radius:6px;margin:8px 0 18px;font-size:15px}
+.decision.promote{background:#e6f4ea;border:1px solid #1a9e3a}
+.decision.keep{background:#fdecea;border:1px solid #d0312d}
+.caveat{background:#fff8e1;border-left:4px solid #f0b400;padding:6px 10px;max-width:1000px}
+.grid{display:flex;align-items:flex-start;gap:6px;margin:6px 0;padding:6px;
       border-bottom:1px solid #eee}
 .grid figure{margin:0;text-align:center;font-size:10px}
 .grid img{display:block;width:96px;height:96px;object-fit:cover}
+.grid .who{width:90px;font-size:12px;font-weight:600}
+.pair{margin-bottom:14px;border:1px solid #ddd;border-radius:6px}
 .query img{border:4px solid #555}
 .hit img{border:4px solid #1a9e3a}
 .miss img{border:4px solid #d0312d}
@@ -417,79 +528,198 @@ table.m td,table.m th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 """
 
 
-def write_html_report(report: EvalReport, eval_set: EvalSet, world: Path, out_html: Path,
-                      n_queries: int = 20, label: str | None = None) -> Path:
-    """Self-contained HTML (images inlined as base64): a metrics table, then for each of
-    ~n_queries queries the query image and its top-10 results, hits green, misses red."""
-    world, label = Path(world), label or report.candidate
-    result = report.models[label].sets[eval_set.name]
-    catalog = load_catalog(world).set_index("item_id")
+def _fmt_ci(ci: tuple[float, float] | None) -> str:
+    return "<span class='ci'>(n&lt;2)</span>" if ci is None else \
+        f"<span class='ci'>[{ci[0]:.3f}, {ci[1]:.3f}]</span>"
+
+
+def _decision_html(verdict: GateVerdict | None) -> str:
+    if verdict is None:
+        return ("<div class='decision keep'><b>No gate verdict:</b> the registry was not "
+                "consulted (--no-mlflow), so there is no champion to compare with.</div>")
+    action = ("PROMOTE to champion" if verdict.promote else
+              f"KEEP the champion{f' {html.escape(verdict.champion)}' if verdict.champion else ''}")
+    how = ("this run's promotion gate applies it." if verdict.applied else
+           "advisory: this run registers a <code>challenger</code> only; "
+           "<code>loupe promote challenger --reason '…'</code> applies the same gate.")
+    return (f"<div class='decision {'promote' if verdict.promote else 'keep'}' "
+            f"id='decision'><b>Decision: {action}</b> — {html.escape(verdict.reason)}.<br>"
+            f"<small>{how}</small></div>")
+
+
+def _metrics_table(report: EvalReport) -> str:
     rows = [f"<tr><th>model</th><th>set</th>{''.join(f'<th>R@{k}</th>' for k in report.ks)}"
             "</tr>"]
     for lab, m in report.models.items():
         for name, s in m.sets.items():
             cells = "".join(f"<td>{s.recall[k]:.3f}</td>" for k in report.ks)
             rows.append(f"<tr><td>{html.escape(lab)}</td><td>{name}</td>{cells}</tr>")
+    return f"<table class='m'>{''.join(rows)}</table>"
+
+
+def _category_html(report: EvalReport, rows: list[dict]) -> str:
+    labels = list(report.models)
+    ref = reference_label(report)
+    head = "".join(f"<th>{html.escape(lab)}</th>" for lab in labels)
+    gap_head = f"<th>{html.escape(report.candidate)} − {html.escape(ref)}</th>" if ref else ""
+    out = [f"<table class='m' id='categories'><tr><th>category</th><th>n</th>{head}{gap_head}"
+           "</tr>"]
+    for row in rows:
+        cells = "".join(f"<td>{row['models'][lab]['recall']:.3f} "
+                        f"{_fmt_ci(row['models'][lab]['ci95'])}</td>" for lab in labels)
+        if ref:
+            gap = row["gap"]
+            tone = "" if gap["ci95"] is None or gap["ci95"][0] <= 0 <= gap["ci95"][1] else (
+                " class='up'" if gap["diff"] > 0 else " class='down'")
+            cells += f"<td{tone}>{gap['diff']:+.3f} {_fmt_ci(gap['ci95'])}</td>"
+        out.append(f"<tr><td>{html.escape(row['category'])}</td><td>{row['n_queries']}</td>"
+                   f"{cells}</tr>")
+    return "".join(out) + "</table>"
+
+
+def _engagement_html(report: EvalReport) -> str:
+    """Rater vs engagement recall@10 per model, with why the two disagree."""
+    if any(ENGAGEMENT_SET not in m.sets for m in report.models.values()):
+        return ""
+    rows = ["<tr><th>model</th><th>rater R@10</th><th>engagement R@10</th>"
+            "<th>engagement − rater</th></tr>"]
+    for lab, m in report.models.items():
+        r, e = m.sets[RATER_SET].recall[10], m.sets[ENGAGEMENT_SET].recall[10]
+        rows.append(f"<tr><td>{html.escape(lab)}</td><td>{r:.3f}</td><td>{e:.3f}</td>"
+                    f"<td>{e - r:+.3f}</td></tr>")
+    return ("<h2>Rater set vs engagement set</h2>"
+            f"<table class='m' id='engagement'>{''.join(rows)}</table>"
+            "<p class='caveat'><b>Why they differ — the logging shadow.</b> Engagement labels "
+            "are clicks and saves on the grids the serving model of the time showed; an item it "
+            "never showed can never be a positive, so the set rewards ranking like the logging "
+            "model and under-counts good results it missed. Position-bias correction re-weights "
+            "shown positions but cannot label unshown items. Rater judgments are pooled over "
+            "several models and graded independently of what was served: the gate and the "
+            "headline use the rater set.</p>")
+
+
+def _grid(thumb, catalog: pd.DataFrame, eval_set: EvalSet, i: int, top: Sequence[str],
+          recall: float, who: str | None = None) -> str:
+    """One query's photo (its box drawn) and a model's top-10, hits green, misses red."""
+    rel = eval_set.relevant[i]
+    found = len(set(top) & set(rel))
+    figs = [f"<div class='who'>{html.escape(who)}</div>"] if who else []
+    figs += [f"<figure class='query'><img src='data:image/jpeg;base64,"
+             f"{thumb(eval_set.query_paths[i], 160, eval_set.query_boxes[i])}'>"
+             f"<figcaption>{html.escape(eval_set.query_ids[i])}<br>"
+             f"{html.escape(eval_set.categories[i])}<br>R@10 {recall:.2f}"
+             f" · {found}/{len(rel)} rel</figcaption></figure>", "<div class='sep'></div>"]
+    for rank, item in enumerate(top, start=1):
+        grade = rel.get(item, 0)
+        star = " ★" if grade >= 2 else ""
+        figs.append(f"<figure class='{'hit' if grade >= 1 else 'miss'}'><img "
+                    f"src='data:image/jpeg;base64,{thumb(catalog.loc[item, 'image_path'], 96)}'>"
+                    f"<figcaption>#{rank} {html.escape(item)}{star}</figcaption></figure>")
+    return (f"<div class='grid' data-query='{html.escape(eval_set.query_ids[i])}'>"
+            + "".join(figs) + "</div>")
+
+
+def changed_queries(report: EvalReport, eval_set: EvalSet, ref: str, k: int = 10
+                    ) -> tuple[list[int], list[int]]:
+    """Query indices whose recall@k the candidate improved (largest gain first) and
+    regressed (largest loss first) against `ref`."""
+    ours = np.asarray(report.models[report.candidate].sets[eval_set.name].query_recall[k])
+    theirs = np.asarray(report.models[ref].sets[eval_set.name].query_recall[k])
+    diff = ours - theirs
+    ids = np.asarray(eval_set.query_ids)
+    improved = sorted(np.flatnonzero(diff > 1e-12), key=lambda i: (-diff[i], ids[i]))
+    regressed = sorted(np.flatnonzero(diff < -1e-12), key=lambda i: (diff[i], ids[i]))
+    return [int(i) for i in improved], [int(i) for i in regressed]
+
+
+def worst_queries(report: EvalReport, eval_set: EvalSet, n: int, k: int = 10) -> list[int]:
+    """The candidate's n lowest-recall@k queries, worst first (ties by query id)."""
+    recall = report.models[report.candidate].sets[eval_set.name].query_recall[k]
+    return sorted(range(len(recall)), key=lambda i: (recall[i], eval_set.query_ids[i]))[:n]
+
+
+def _changed_html(report: EvalReport, eval_set: EvalSet, thumb, catalog: pd.DataFrame,
+                  n_show: int) -> str:
+    ref = reference_label(report)
+    if ref is None:
+        return "<h2>Against the champion</h2><p>No champion or baseline to compare with.</p>"
+    improved, regressed = changed_queries(report, eval_set, ref)
+    cand = report.models[report.candidate].sets[eval_set.name]
+    other = report.models[ref].sets[eval_set.name]
+    n = len(eval_set.query_ids)
+    parts = [f"<h2 id='changed'>{html.escape(report.candidate)} vs {html.escape(ref)}, query by "
+             f"query</h2><p><b class='up'>{len(improved)} improved</b> · <b class='down'>"
+             f"{len(regressed)} regressed</b> · {n - len(improved) - len(regressed)} unchanged "
+             f"of {n} rater queries (recall@10); the {n_show} largest changes each way, both "
+             "models' top-10 (the per-query table has them all).</p>"]
+    for title, picked, css in (("Improved", improved, "up"), ("Regressed", regressed, "down")):
+        parts.append(f"<h3 class='{css}'>{title} ({len(picked)})</h3>")
+        for i in picked[:n_show]:
+            parts.append(
+                f"<div class='pair {title.lower()}' data-query='{eval_set.query_ids[i]}'>"
+                + _grid(thumb, catalog, eval_set, i, cand.top_items[i], cand.query_recall[10][i],
+                        report.candidate)
+                + _grid(thumb, catalog, eval_set, i, other.top_items[i],
+                        other.query_recall[10][i], ref) + "</div>")
+    return "".join(parts)
+
+
+def write_html_report(report: EvalReport, eval_set: EvalSet, world: Path, out_html: Path,
+                      n_queries: int = 20, verdict: GateVerdict | None = None,
+                      n_changed: int = N_CHANGED) -> Path:
+    """Self-contained HTML (images inlined) in the order a reviewer decides: the gate's
+    verdict and reason, recall@K, recall@10 per category with CIs, rater vs engagement,
+    the queries that got better and worse against the champion (both grids), and the
+    candidate's worst `n_queries` queries."""
+    world, label = Path(world), report.candidate
+    result = report.models[label].sets[eval_set.name]
+    catalog = load_catalog(world).set_index("item_id")
+    thumb = _thumbnailer(world)
+    worst = worst_queries(report, eval_set, n_queries)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Loupe eval: "
              f"{html.escape(label)}</title><style>{_CSS}</style></head><body>",
              f"<h1>Loupe embedder evaluation: {html.escape(label)}</h1>",
+             _decision_html(verdict),
              f"<p>Exact search over {report.n_catalog} catalog items (catalog photos: "
              f"<code>{html.escape(report.treatment)}</code>); eval fingerprint "
              f"<code>{report.fingerprint}</code>. recall@K = |relevant ∩ top-K| / "
-             "min(K, |relevant|).</p>",
-             f"<table class='m'>{''.join(rows)}</table>",
-             f"<h2>{eval_set.name} queries: top-{REPORT_TOP} "
-             "(green = relevant, red = not; ★ = same product)</h2>"]
-    for i in pick_report_queries(eval_set, n_queries):
-        rel = eval_set.relevant[i]
-        top = result.top_items[i]
-        found = len(set(top) & set(rel))
-        figs = [f"<figure class='query'><img src='data:image/jpeg;base64,"
-                f"{_thumb_b64(world / eval_set.query_paths[i], 160, eval_set.query_boxes[i])}'>"
-                f"<figcaption>{html.escape(eval_set.query_ids[i])}<br>"
-                f"{html.escape(eval_set.categories[i])}<br>R@10 {result.query_recall[10][i]:.2f}"
-                f" · {found}/{len(rel)} rel</figcaption></figure>", "<div class='sep'></div>"]
-        for rank, item in enumerate(top, start=1):
-            grade = rel.get(item, 0)
-            mark = "hit" if grade >= 1 else "miss"
-            star = " ★" if grade >= 2 else ""
-            figs.append(f"<figure class='{mark}'><img src='data:image/jpeg;base64,"
-                        f"{_thumb_b64(world / catalog.loc[item, 'image_path'], 96)}'>"
-                        f"<figcaption>#{rank} {html.escape(item)}{star}</figcaption></figure>")
-        parts.append(f"<div class='grid' data-query='{html.escape(eval_set.query_ids[i])}'>"
-                     + "".join(figs) + "</div>")
-    parts.append("</body></html>")
+             "min(K, |relevant|).</p>", _metrics_table(report),
+             "<h2>Rater recall@10 by category</h2><p>95 % bootstrap intervals over the "
+             "category's queries; a coloured gap is one whose paired interval excludes 0.</p>",
+             _category_html(report, category_recall(report, eval_set)),
+             _engagement_html(report),
+             _changed_html(report, eval_set, thumb, catalog, n_changed),
+             f"<h2 id='worst'>Worst {len(worst)} {eval_set.name} queries of "
+             f"{html.escape(label)} (lowest recall@10 first; green = relevant, red = not; "
+             "★ = same product)</h2>",
+             *["<div class='worst'>" + _grid(thumb, catalog, eval_set, i, result.top_items[i],
+                                             result.query_recall[10][i]) + "</div>"
+               for i in worst],
+             "</body></html>"]
     return write_text_atomic(Path(out_html), "\n".join(parts))
 
 
 def write_reports(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: Path,
-                  n_report_queries: int = 20) -> dict[str, Path]:
-    """eval_summary.json, recall_at_k.png + .csv and eval_report.html (rater queries)."""
+                  n_report_queries: int = 20, verdict: GateVerdict | None = None
+                  ) -> dict[str, Path]:
+    """eval_summary.json (with per-category CIs and the verdict), recall_at_k.png + .csv,
+    per_query.csv and eval_report.html (rater queries)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rater = next(s for s in sets if s.name == RATER_SET)
+    summary = {**report.summary(), "rater_recall_at_10_by_category":
+               category_recall(report, rater), "gate": None if verdict is None else
+               asdict(verdict)}
+    per_query = out_dir / "per_query.csv"
+    write_text_atomic(per_query, per_query_table(report, rater).to_csv(index=False))
     return {
-        "summary": write_json_atomic(out_dir / "eval_summary.json", report.summary(),
-                                     sort_keys=False),
+        "summary": write_json_atomic(out_dir / "eval_summary.json", summary, sort_keys=False),
         "plot": plot_recall(report, out_dir / "recall_at_k.png"),
         "series": write_recall_series(report, out_dir / "recall_at_k.csv"),
+        "per_query": per_query,
         "html": write_html_report(report, rater, world, out_dir / "eval_report.html",
-                                  n_report_queries),
+                                  n_report_queries, verdict),
     }
-
-
-def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], n_resamples: int = 2000,
-                        level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """CI of mean(a - b) over the same queries, resampling queries: is a gap between two
-    models bigger than what the choice of rater queries alone would produce?"""
-    if len(a) != len(b) or len(a) == 0:
-        raise ValueError(f"need two equally long, non-empty per-query lists, got {len(a)} "
-                         f"and {len(b)}")
-    diff = np.asarray(a, float) - np.asarray(b, float)
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), (n_resamples, len(diff)))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
 
 
 def eval_metrics_file(report: EvalReport, train_seconds: float | None) -> dict:
@@ -516,6 +746,8 @@ def eval_metrics_file(report: EvalReport, train_seconds: float | None) -> dict:
            "hit_at_k": {str(k): round(v, 4) for k, v in cand.hit.items()},
            "recall_at_10_vs_baseline": gap(FROZEN_BASELINE),
            "recall_at_10_vs_naive": gap(NAIVE),
+           "champion_recall_at_10": r10(CHAMPION_LABEL),
+           "recall_at_10_vs_champion": gap(CHAMPION_LABEL),
            "train_seconds": train_seconds, "n_rater_queries": cand.n_queries,
            "n_catalog": report.n_catalog, "fingerprint": report.fingerprint}
     return {k: v for k, v in out.items() if v is not None}
@@ -537,13 +769,13 @@ def publish(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: P
             registry_cfg, export_dir: Path, params: Mapping[str, object] | None = None,
             propensity_png: Path | None = None, promote: bool = False,
             n_report_queries: int = 20, run_name: str | None = None,
-            extra_metrics: Mapping[str, float] | None = None, batch_size: int = 64,
-            detector: tuple[Path, str] | None = None,
+            extra_metrics: Mapping[str, float] | None = None,
             inputs: Mapping[str, tuple[Path, str]] | None = None) -> Published:
-    """Write the reports, log one MLflow run (params, every metric, plots, HTML report, the
-    export as an MLflow pyfunc model), register it as a new `challenger` version and, if
-    asked, run the promotion gate (which re-scores a champion measured on another set on
-    this one)."""
+    """Write the reports, log one MLflow run (params, every metric, plots, the HTML report,
+    the per-query table, the export as an MLflow pyfunc model), register it as a new
+    `challenger` version and, if asked, run the promotion gate. The registry's champion
+    must have been scored in `report` (as CHAMPION_LABEL): the report's verdict and the
+    gate then compare the same two numbers from the same set."""
     import tempfile
 
     from pipelines import registry
@@ -551,26 +783,40 @@ def publish(report: EvalReport, sets: Sequence[EvalSet], world: Path, out_dir: P
 
     if propensity_png is not None and not Path(propensity_png).exists():
         raise FileNotFoundError(f"propensity plot not found: {propensity_png}")
-    paths = write_reports(report, sets, world, out_dir, n_report_queries)
+    champ = registry.version_for_alias(registry_cfg, registry.CHAMPION)
+    if champ is not None and champ.model_version != report.champion_version:
+        raise ValueError(f"the registry's champion is {champ.model_version} but this "
+                         f"evaluation scored {report.champion_version or 'no champion'}; "
+                         "evaluate with run_evaluate (it scores the champion beside the "
+                         "candidate) so the gate compares numbers from the same set")
+    verdict = gate_verdict(report, registry_cfg.promotion_margin, applied=promote)
+    paths = write_reports(report, sets, world, out_dir, n_report_queries, verdict)
     plots = [paths["plot"], paths["series"]] + ([Path(propensity_png)]
                                                 if propensity_png is not None else [])
     run_params = {"candidate": report.candidate, "models": ",".join(report.models),
                   "ks": ",".join(map(str, report.ks)), "n_catalog": report.n_catalog,
                   "retrieval": "exact (faiss IndexFlatIP)", "world": str(world),
                   "catalog_treatment": report.treatment,
+                  "champion_version": report.champion_version or "none",
                   **{f"n_queries_{s.name}": len(s.query_ids) for s in sets}, **(params or {})}
+    rater = next(s for s in sets if s.name == RATER_SET)
     with tempfile.TemporaryDirectory() as tmp:
         run = registry.log_run(
             registry_cfg, run_name=run_name or f"evaluate-{report.candidate}",
             params=run_params, metrics={**report.flat_metrics(), **(extra_metrics or {})},
-            artifacts={"plots": plots, "report": [paths["html"], paths["summary"]]},
+            artifacts={"plots": plots, "report": [paths["html"], paths["summary"],
+                                                  paths["per_query"]]},
             mlflow_model=save_embedder_model(Path(export_dir), Path(tmp) / "model"),
-            inputs=inputs, tags={registry.FINGERPRINT: report.fingerprint})
+            inputs=inputs, tables={"per_query_rater.json": per_query_table(report, rater)},
+            tags={registry.FINGERPRINT: report.fingerprint,
+                  "gate.verdict": "promote" if verdict.promote else "keep",
+                  "gate.reason": verdict.reason})
     ref = registry.register_model_version(registry_cfg, run, report.headline, report.fingerprint)
+    champion = report.models.get(CHAMPION_LABEL)
     decision = registry.promotion_gate(
-        registry_cfg, ref, rescore=_rater_rescorer(registry_cfg, sets, world, batch_size,
-                                                   detector)
-    ) if promote else None
+        registry_cfg, ref,
+        champion_recall=None if champion is None else champion.sets[RATER_SET].recall[10],
+        measured_champion=report.champion_version) if promote else None
     return Published(paths, run.run_id, ref.model_version,
                      None if decision is None else asdict(decision))
 
@@ -589,26 +835,6 @@ def eval_inputs(world: Path, engagement: Path | None, training_pairs: str | None
     if training_pairs and Path(training_pairs).is_file():
         inputs["training_pairs"] = (Path(training_pairs), "training")
     return inputs
-
-
-def _rater_rescorer(registry_cfg, sets: Sequence[EvalSet], world: Path, batch_size: int,
-                    detector: tuple[Path, str] | None = None) -> Callable:
-    """rescore(version) -> that registered version's rater recall@10 on this world's set,
-    with this evaluation's catalog treatment."""
-    import tempfile
-
-    from pipelines import registry
-
-    rater = next(s for s in sets if s.name == RATER_SET)
-
-    def rescore(ref) -> float:
-        with tempfile.TemporaryDirectory() as tmp:
-            export = registry.download_model(registry_cfg, ref.model_version, Path(tmp))
-            fn = evaluation_embed_fn(export, world, batch_size, detector)
-            return evaluate_models({CANDIDATE: fn}, world, [rater],
-                                   treatment=treatment_label(detector)).headline
-
-    return rescore
 
 
 # --------------------------------------------------------------------------- models + CLI
@@ -672,17 +898,21 @@ def run_evaluate(config: EvaluateConfig, world: Path, model: Path,
     """The evaluate stage, for the CLI, DVC and the retrain DAG alike: rater (and engagement)
     recall@K of the candidate export next to labelled baseline exports; one MLflow run with
     the same params and metrics keys whoever calls (eval config, model files, the candidate's
-    train config, the resolved package versions, its per-epoch validation curve); a new
+    train config, the resolved package versions), linked to the candidate's training run
+    (train.json's `mlflow_run_id`, which holds the curves); a new
     `challenger` version, and the promotion gate when `promote`. `detector` (export dir,
     `loupe-detector/N`) embeds catalog photos by the serving catalog treatment (detect ->
     salient box -> crop, `pipelines.embed.catalog_treatment`), so the number is what the
     rollout's index will answer; without one, catalog photos are embedded whole."""
-    from pipelines.registry import RegistryConfig
+    import tempfile
+
+    from pipelines import registry
     from pipelines.versions import resolved_versions
 
     world = Path(world)
-    if CANDIDATE in baselines:
-        raise ValueError(f"'{CANDIDATE}' labels the candidate; pick another baseline label")
+    if {CANDIDATE, CHAMPION_LABEL} & set(baselines):
+        raise ValueError(f"'{CANDIDATE}' labels the candidate and '{CHAMPION_LABEL}' the "
+                         "registry's champion; pick other baseline labels")
     train_info = {} if train_json is None else json.loads(Path(train_json).read_text())
     sets = [load_rater_set(world)]
     if engagement is not None:
@@ -690,7 +920,16 @@ def run_evaluate(config: EvaluateConfig, world: Path, model: Path,
     exports = {CANDIDATE: Path(model), **{k: Path(v) for k, v in baselines.items()}}
     fns = {label: evaluation_embed_fn(path, world, config.batch_size, detector)
            for label, path in exports.items()}
-    report = evaluate_models(fns, world, sets, CANDIDATE, config.ks, treatment_label(detector))
+    reg_cfg = registry.RegistryConfig(tracking_uri, promotion_margin=config.promotion_margin)
+    champion = registry.version_for_alias(reg_cfg, registry.CHAMPION) if log_mlflow else None
+    with tempfile.TemporaryDirectory() as tmp:
+        if champion is not None:  # scored here, on this set, for the report and the gate
+            fns[CHAMPION_LABEL] = evaluation_embed_fn(
+                registry.download_model(reg_cfg, champion.model_version, Path(tmp)), world,
+                config.batch_size, detector)
+        report = evaluate_models(fns, world, sets, CANDIDATE, config.ks,
+                                 treatment_label(detector))
+    report.champion_version = None if champion is None else champion.model_version
     published = None
     if log_mlflow:
         params = {f"eval.{k}": v for k, v in asdict(config).items()}
@@ -699,16 +938,16 @@ def run_evaluate(config: EvaluateConfig, world: Path, model: Path,
         params.update({f"versions.{k}": v for k, v in resolved_versions().items()})
         params.update({f"train_versions.{k}": v
                        for k, v in train_info.get("versions", {}).items()})
-        reg_cfg = RegistryConfig(tracking_uri, promotion_margin=config.promotion_margin)
         published = publish(
             report, sets, world, out_dir, reg_cfg, Path(model), params,
             propensity_png, promote, config.report_queries,
             extra_metrics={k: float(train_info[k]) for k in
                            ("train_seconds", "best_val_style_recall_at_10")
                            if train_info.get(k) is not None},
-            batch_size=config.batch_size, detector=detector,
             inputs=eval_inputs(world, engagement, train_info.get("pairs")))
-        _log_curve(reg_cfg, published.run_id, train_info.get("curve", []))
+        if train_info.get("mlflow_run_id"):
+            registry.link_runs(reg_cfg, published.run_id, train_info["mlflow_run_id"],
+                               published.model_version)
         paths = published.paths
     else:
         paths = write_reports(report, sets, world, out_dir, config.report_queries)
@@ -716,18 +955,6 @@ def run_evaluate(config: EvaluateConfig, world: Path, model: Path,
     if metrics_path is not None:
         write_text_atomic(Path(metrics_path), json.dumps(metrics, indent=1) + "\n")
     return Evaluated(report, metrics, paths, published)
-
-
-def _log_curve(registry_cfg, run_id: str, curve: Sequence[Mapping]) -> None:
-    """The candidate's per-epoch training curve as stepped `train/<name>` metrics."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    rows = [Metric(f"train/{k}", float(v), now, int(row["epoch"]))
-            for row in curve for k, v in row.items() if k != "epoch" and v is not None]
-    if rows:
-        MlflowClient(registry_cfg.uri, registry_cfg.uri).log_batch(run_id, metrics=rows)
 
 
 def _labelled(spec: str) -> tuple[str, Path]:

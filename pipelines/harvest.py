@@ -8,7 +8,7 @@ Joachims, Swaminathan, Schnabel, *Unbiased Learning-to-Rank with Biased Feedback
 a small share of sessions is logged with the top-20 shuffled uniformly, so relevance is
 independent of position there and CTR_k / CTR_1 = theta_k / theta_1. Propensities are only
 identified up to scale, so position 1 is the reference (theta_1 = 1). A decreasing isotonic fit
-(pool-adjacent-violators) removes noise that contradicts "lower is examined less".
+(scipy's pool-adjacent-violators) removes noise that contradicts "lower is examined less".
 
 Click and save pairs are then weighted by the clipped inverse propensity of the position they
 were clicked at (IPS), self-normalised to mean 1 over the engagement pairs (SNIPS: Swaminathan
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import isotonic_regression
 
 from data_contracts import schemas
 from data_contracts.constants import GRID_SIZE, RANDOMISED_POLICY
@@ -102,18 +103,6 @@ class HarvestResult:
 
 
 # --------------------------------------------------------------------------- propensity
-def _decreasing_isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Weighted least-squares fit constrained to be non-increasing (pool adjacent violators)."""
-    blocks: list[list[float]] = []  # [value, weight, length]
-    for yi, wi in zip(y, w, strict=True):
-        blocks.append([float(yi), float(wi), 1])
-        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
-            v2, w2, n2 = blocks.pop()
-            v1, w1, n1 = blocks.pop()
-            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
-    return np.concatenate([np.full(int(n), v) for v, _, n in blocks])
-
-
 def _ctr_ratio(clicks: np.ndarray) -> np.ndarray:
     """clicks: sessions x positions (0/1, NaN where a session's grid was shorter); returns
     CTR_k / CTR_1, each CTR over the sessions that showed position k."""
@@ -163,7 +152,8 @@ def estimate_propensity(impressions: pd.DataFrame, cfg: HarvestConfig) -> Propen
     if (n_at == 0).any():
         gaps = [k + 1 for k in np.flatnonzero(n_at == 0)]
         raise ValueError(f"randomised grids skip positions {gaps}: positions must run 1..n")
-    theta = np.clip(_decreasing_isotonic(raw, n_at * np.maximum(raw, 1e-3)), 1e-3, 1.0)
+    theta = np.clip(isotonic_regression(raw, weights=n_at * np.maximum(raw, 1e-3),
+                                        increasing=False).x, 1e-3, 1.0)
     theta[0] = 1.0
     rng = np.random.default_rng(cfg.seed)
     boots = np.stack([_resampled_ratio(clicks, rng) for _ in range(cfg.bootstrap)])

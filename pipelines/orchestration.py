@@ -31,9 +31,21 @@ from pipelines.run_config import (
 log = logging.getLogger("loupe.orchestration")
 
 CHAMPION_ASSET_URI = "loupe://models/embedder/champion"
+# what a rollout's canary decided and what went live (rollout or rollback): asset events
+# whose extra the DAG run's page shows, so an operator reads the verdict there
+CANARY_ASSET_URI = "loupe://serving/canary"
+LIVE_ASSET_URI = "loupe://serving/live"
 SHARD_BUILD_POOL = "loupe_shard_builds"
 
 T = TypeVar("T")
+
+
+def live_event(action: str, smoke: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """The `loupe://serving/live` event's extra: what serves now, how it got there and that
+    the smoke query found every shard's listings."""
+    return {"action": action, "index_version": smoke["index_version"],
+            "model_version": smoke["model_version"],
+            "smoke_self_hits": f"{smoke['self_hits']}/{smoke['queries']}", **extra}
 
 
 # --------------------------------------------------------------------------- configure task
@@ -43,6 +55,11 @@ def configure_run(params: Mapping[str, Any]) -> dict[str, str]:
 
     variables = {key: Variable.get(VARIABLE_PREFIX + key, default=None) for key in CONFIG_ENV}
     return resolve_config(params, variables).as_dict()
+
+
+def run_owner(dag_run: Any) -> str:
+    """The DAG run as the holder of a lease (pipelines.rollout.claim_rollout)."""
+    return f"airflow:{dag_run.dag_id}/{dag_run.run_id}"
 
 
 def for_run(config: Mapping[str, str], dag_run: Any) -> tuple[LoupeConfig, Path]:
@@ -78,7 +95,7 @@ def default_args(**overrides: Any) -> dict[str, Any]:
     from airflow.sdk import ExceptionRetryPolicy, RetryAction, RetryRule
 
     from pipelines.monitor import HealthBreach
-    from pipelines.rollout import NothingLive
+    from pipelines.rollout import NothingLive, RolloutInProgress
 
     args = {
         "owner": "loupe",
@@ -88,8 +105,9 @@ def default_args(**overrides: Any) -> dict[str, Any]:
         "max_retry_delay": timedelta(minutes=10),
         "execution_timeout": timedelta(minutes=30),
         "retry_policy": ExceptionRetryPolicy([RetryRule(
-            [ValueError, FileNotFoundError, NothingLive, HealthBreach], RetryAction.FAIL,
-            reason="bad input or a health breach: retrying reads the same state")]),
+            [ValueError, FileNotFoundError, NothingLive, HealthBreach, RolloutInProgress],
+            RetryAction.FAIL, reason="bad input, a health breach or another rollout running: "
+                                     "retrying reads the same state")]),
         "on_failure_callback": alert_on_failure,
     }
     return {**args, **overrides}
@@ -165,7 +183,7 @@ def train_embedder(cfg: LoupeConfig, run_dir: Path, harvest_dir: str, variant: s
     Variants and runs on the same world share one frozen-feature cache (keyed by the world,
     the frozen weights and the image path), so the second variant and the next run cost
     little."""
-    from pipelines.train import TrainConfig, export_baseline, train
+    from pipelines.train import TrainConfig, export_baseline, run_train
 
     tcfg = TrainConfig.load(Path(cfg.params_file), progress_bar=False)
     out = Path(run_dir) / "models" / variant
@@ -175,8 +193,9 @@ def train_embedder(cfg: LoupeConfig, run_dir: Path, harvest_dir: str, variant: s
     if variant not in ("debiased", "naive"):
         raise ValueError(f"unknown training variant {variant!r}")
     resume = (out / "checkpoints" / "last.ckpt").exists()  # a retried task continues
-    result = train(cfg.world, Path(harvest_dir) / f"pairs_{variant}.parquet", out, tcfg,
-                   cache_dir=cfg.runs / "feature_cache", resume=resume)
+    result = run_train(tcfg, cfg.world, Path(harvest_dir) / f"pairs_{variant}.parquet", out,
+                       cache_dir=cfg.runs / "feature_cache", resume=resume,
+                       tracking_uri=cfg.mlflow_tracking_uri, run_name=f"train-{variant}")
     return {"variant": variant, "export_dir": str(result.export_dir),
             "train_json": str(out / "train.json"),
             "train_seconds": result.metrics["train_seconds"]}

@@ -43,12 +43,12 @@ def register_coco_detector(tracking_uri: str | None = None, graph_dir: Path | No
     """Export the pretrained COCO detector with `category_map` and register it as the next
     `loupe-detector/N`; returns that version string."""
     from models.coco_detector import KIND, export_coco_detector
+    from pipelines.mlflow_model import save_detector_model
 
     cfg = RegistryConfig(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         export = export_coco_detector(Path(tmp) / "export", graph_dir, category_map,
                                       score_threshold)
-        files = sorted(p for p in export.iterdir() if p.is_file())
         spec = json.loads((export / "detector.json").read_text())
         run = log_run(cfg, run_name="register-coco-detector",
                       params={"kind": KIND, "categories": ",".join(spec["categories"]),
@@ -56,7 +56,9 @@ def register_coco_detector(tracking_uri: str | None = None, graph_dir: Path | No
                               "score_threshold": score_threshold},
                       metrics={"n_categories": len(spec["categories"]),
                                "n_coco_classes_kept": len(spec["coco_to_label"])},
-                      artifacts={}, model_files=files, tags={"detector_kind": KIND})
+                      artifacts={},
+                      mlflow_model=save_detector_model(export, Path(tmp) / "model"),
+                      tags={"detector_kind": KIND})
         ref = create_version(_mlflow(cfg), DETECTOR_MODEL, run.run_id, run.artifact_uri,
                              {"detector_kind": KIND},
                              description="Loupe detector (trained CenterNet or pretrained "

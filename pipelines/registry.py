@@ -21,18 +21,21 @@ file://<repo>/mlruns --host 127.0.0.1 --port 5000`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACKING_URI = f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 EXPERIMENT = "loupe-embedder"
@@ -110,13 +113,15 @@ def log_run(cfg: RegistryConfig, *, run_name: str, params: Mapping[str, Any],
             metrics: Mapping[str, float], artifacts: Mapping[str, Sequence[Path]],
             model_files: Sequence[Path] = (), tags: Mapping[str, str] | None = None,
             mlflow_model: Path | None = None,
-            inputs: Mapping[str, tuple[Path, str]] | None = None) -> LoggedRun:
+            inputs: Mapping[str, tuple[Path, str]] | None = None,
+            tables: Mapping[str, Any] | None = None) -> LoggedRun:
     """One finished run: params, metrics, `artifacts` ({artifact dir: files}), and under
     `model/` either an MLflow model directory (`mlflow_model`, the embedder's: see
     pipelines/mlflow_model.py) or exported model files; `inputs` ({name: (file, context)},
     e.g. the catalog for "evaluation") as MLflow dataset inputs whose digest is the file's
-    sha256, so two runs on the same data show the same digest. A failure mid-way marks the
-    run FAILED."""
+    sha256, so two runs on the same data show the same digest; `tables` ({artifact file:
+    DataFrame}) through `log_table`, sortable in the run's Evaluation view. A failure mid-way
+    marks the run FAILED."""
     from mlflow.entities import Metric, Param, RunTag
 
     if mlflow_model is not None and model_files:
@@ -144,6 +149,8 @@ def log_run(cfg: RegistryConfig, *, run_name: str, params: Mapping[str, Any],
         for dest, group in artifacts.items():
             for p in group:
                 client.log_artifact(run_id, str(p), artifact_path=dest or None)
+        for artifact_file, frame in (tables or {}).items():
+            client.log_table(run_id, data=frame, artifact_file=artifact_file)
         if inputs:
             client.log_inputs(run_id, datasets=[dataset_input(name, Path(path), context)
                                                 for name, (path, context) in inputs.items()])
@@ -160,6 +167,63 @@ def log_run(cfg: RegistryConfig, *, run_name: str, params: Mapping[str, Any],
         raise
     client.set_terminated(run_id, status="FINISHED")
     return LoggedRun(run_id, run.info.experiment_id, run.info.artifact_uri)
+
+
+@contextmanager
+def tracked_run(cfg: RegistryConfig, *, run_name: str, params: Mapping[str, Any],
+                inputs: Mapping[str, tuple[Path, str]] | None = None,
+                tags: Mapping[str, str] | None = None, run_id: str | None = None,
+                system_metrics_interval_s: float = 5.0) -> Iterator[str]:
+    """A run that stays open while its body works (training), yielding its id: created with
+    its params and dataset inputs, or reopened by `run_id` (a retried task resumes its run);
+    MLflow's system-metrics monitor samples CPU, memory, disk and network meanwhile; it ends
+    FINISHED, or FAILED when the body raises."""
+    from mlflow.entities import Param
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    client = _client(cfg)
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run = client.create_run(_experiment_id(client, cfg), run_name=run_name,
+                                tags={k: str(v) for k, v in (tags or {}).items()})
+        run_id = run.info.run_id
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(run_id, params=items[i:i + 100])
+        if inputs:
+            client.log_inputs(run_id, datasets=[dataset_input(name, Path(path), context)
+                                                for name, (path, context) in inputs.items()])
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=system_metrics_interval_s,
+                                   resume_logging=True, tracking_uri=cfg.uri)
+    monitor.start()
+    try:
+        yield run_id
+    except BaseException:
+        monitor.finish()
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    monitor.finish()
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def link_runs(cfg: RegistryConfig, evaluation_run_id: str, training_run_id: str,
+              model_version: str) -> bool:
+    """Tag the training run with the evaluation that measured it and the version it became
+    (and the evaluation run with its training run); False, with a warning, when the training
+    run lives in another store."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(cfg)
+    client.set_tag(evaluation_run_id, "training_run_id", training_run_id)
+    try:
+        client.set_tag(training_run_id, "evaluation_run_id", evaluation_run_id)
+        client.set_tag(training_run_id, "model_version", model_version)
+    except MlflowException as err:
+        log.warning("training run %s is not in %s (%s): its evaluation is not linked back",
+                    training_run_id, cfg.uri, err.message)
+        return False
+    return True
 
 
 def file_digest(path: Path) -> str:
@@ -415,16 +479,15 @@ def decide_promotion(challenger_recall: float, champion_recall: float | None, ma
 
 
 def promotion_gate(cfg: RegistryConfig, version: str | ModelVersionRef,
-                   champion_recall: float | None = None,
-                   rescore: Callable[[ModelVersionRef], float] | None = None,
+                   champion_recall: float | None = None, measured_champion: str | None = None,
                    note: str | None = None) -> PromotionDecision:
     """Move `champion` to `version` if its rater recall@10 beats the champion's by the margin.
 
-    Recall figures come from the versions' tags. Different eval fingerprints mean the two
-    numbers were measured on different catalogs or judgments: the champion is then scored on
-    the challenger's set, by `champion_recall` when the caller measured it already, else by
-    `rescore(champion)` (the evaluate stage passes one), and the gate refuses only when it
-    has neither, so a new world never keeps serving a model picked on another world.
+    Recall figures come from the versions' tags, or for the champion from `champion_recall`
+    measured on the challenger's eval set (the evaluate stage scores the champion beside the
+    candidate and names it in `measured_champion`; a champion that moved meanwhile is a
+    refusal). Different eval fingerprints without a re-measured champion are a refusal too:
+    the two numbers come from different catalogs or judgments.
     """
     ref = version if isinstance(version, ModelVersionRef) else ModelVersionRef(
         cfg.model_name, str(version))
@@ -437,12 +500,15 @@ def promotion_gate(cfg: RegistryConfig, version: str | ModelVersionRef,
     elif champ is None:
         champ_recall = None
         promoted, reason = decide_promotion(challenger_recall, None, cfg.promotion_margin)
+    elif measured_champion is not None and measured_champion != champ.model_version:
+        promoted, champ_recall = False, None
+        reason = (f"champion moved to {champ.model_version} while {measured_champion} was "
+                  "being measured as the champion; evaluate again to compare with the new one")
     else:
         champ_mv = client.get_model_version(champ.name, champ.version)
         same_set = _recorded(champ_mv, FINGERPRINT) == _recorded(mv, FINGERPRINT)
         remeasured = ""
-        if champion_recall is None and not same_set and rescore is not None:
-            champion_recall = float(rescore(champ))
+        if champion_recall is not None and not same_set:
             remeasured = (f" (champion re-evaluated on this set: it was scored on fingerprint "
                           f"{champ_mv.tags[FINGERPRINT]}, this set is {mv.tags[FINGERPRINT]})")
         if champion_recall is None and not same_set:

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import socket
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +36,8 @@ from pipelines.registry import (
 )
 from pipelines.run_config import LoupeConfig, slug
 
+log = logging.getLogger("loupe.rollout")
+
 ADMIN_TOKEN_VARIABLE = "loupe_admin_token"  # or $LOUPE_ADMIN_TOKEN; never in XCom or logs
 ADMIN_TOKEN_ENV = "LOUPE_ADMIN_TOKEN"
 
@@ -43,6 +48,86 @@ class NothingLive(LookupError):
 
 class ServingUnavailable(RuntimeError):
     """The attached search API did not answer (down, restarting, 5xx): worth a retry."""
+
+
+class RolloutInProgress(RuntimeError):
+    """Another rollout holds the index root's lease: two at once would race their cutovers
+    (the later build would silently replace the earlier one, or a rollback meet a half-done
+    rollout)."""
+
+
+# --------------------------------------------------------------------------- the lease
+def _lease_path(cfg: LoupeConfig) -> Path:
+    from serving.shards import layout
+
+    return cfg.index / layout.ROLLOUT_LEASE
+
+
+def rollout_holder(cfg: LoupeConfig) -> dict | None:
+    """Who holds the rollout lease of this index root, or None."""
+    try:
+        return json.loads(_lease_path(cfg).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _gone_local_holder(lease: dict) -> bool:
+    """A `loupe rollout` process on this host that has exited (killed, crashed)."""
+    if not lease.get("owner", "").startswith("local:") or lease.get("host") != \
+            socket.gethostname():
+        return False
+    try:
+        os.kill(int(lease["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def claim_rollout(cfg: LoupeConfig, owner: str, model_version: str) -> dict:
+    """Take the index root's rollout lease for `owner` (a DAG run `airflow:<dag>/<run>`, or a
+    process `local:...`), or raise `RolloutInProgress` naming the holder. The same owner
+    claims again freely (a retried task); a local holder whose process is gone is taken
+    over with a warning. The lease appears whole or not at all (written aside, then linked)."""
+    path = _lease_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lease = {"owner": owner, "model_version": model_version, "host": socket.gethostname(),
+             "pid": os.getpid(), "since": datetime.now(UTC).isoformat(timespec="seconds")}
+    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    aside.write_text(json.dumps(lease))
+    try:
+        for _ in range(2):
+            try:
+                os.link(aside, path)
+                return lease
+            except FileExistsError:
+                held = rollout_holder(cfg)
+                if held is None:  # released meanwhile
+                    continue
+                if held["owner"] == owner:
+                    return held
+                if not _gone_local_holder(held):
+                    raise RolloutInProgress(
+                        f"refusing to roll out {model_version}: {held['owner']} has been "
+                        f"rolling out {held['model_version']} onto {cfg.index} since "
+                        f"{held['since']} (lease {path}). Wait for it to finish; if that run "
+                        "is dead, delete the lease file and run again.") from None
+                log.warning("taking over the rollout lease of %s: its process %s is gone",
+                            held["owner"], held["pid"])
+                path.unlink(missing_ok=True)
+        raise RolloutInProgress(f"{path} changes hands too fast to claim; run again")
+    finally:
+        aside.unlink(missing_ok=True)
+
+
+def release_rollout(cfg: LoupeConfig, owner: str) -> bool:
+    """Give the lease back if `owner` holds it (never another run's); True when released."""
+    held = rollout_holder(cfg)
+    if held is None or held["owner"] != owner:
+        return False
+    _lease_path(cfg).unlink(missing_ok=True)
+    return True
 
 
 # --------------------------------------------------------------------------- plan + build
@@ -454,11 +539,24 @@ def rollout_local(cfg: LoupeConfig, model_version: str, run_after: datetime | No
 
     `model_version` is already resolved (pipelines.registry.resolve_model). The same
     `run_after` names the same index version, so a rerun after a failure resumes it.
-    Returns each step's result under its DAG task id.
+    Holds the index root's rollout lease throughout (`RolloutInProgress` while another
+    rollout runs). Returns each step's result under its DAG task id.
     """
     run_after = run_after or datetime.now(UTC)
-    if run_dir is None:
-        run_dir = cfg.runs / "rollout_local" / index_version_for_run(run_after, model_version)
+    version = index_version_for_run(run_after, model_version)
+    run_dir = run_dir or cfg.runs / "rollout_local" / version
+    owner = f"local:{socket.gethostname()}:{os.getpid()}:{version}"
+    claim_rollout(cfg, owner, model_version)
+    try:
+        return _rollout_steps(cfg, model_version, run_after, n_shards, detector, dry_run,
+                              run_dir)
+    finally:
+        release_rollout(cfg, owner)
+
+
+def _rollout_steps(cfg: LoupeConfig, model_version: str, run_after: datetime,
+                   n_shards: int | None, detector: str | None, dry_run: bool,
+                   run_dir: Path) -> dict:
     plan = plan_rollout(cfg, run_dir, model_version, run_after, n_shards, detector)
     done: dict[str, Any] = {"plan": plan}
     if not is_attribute_model(model_version):  # attribute vectors have no model to serve

@@ -45,7 +45,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from data_contracts.durable import write_atomic, write_bytes_atomic, write_json_atomic
+from data_contracts.durable import (
+    write_atomic,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from models.embedder import Embedder, EmbedderSpec, frozen_baseline, save_embedder
 from models.export import export_embedder, export_onnx, onnx_session
 from models.losses import weighted_info_nce
@@ -85,6 +90,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2  # torch threads of the fit: fixed, so the machine's core count is not an input
     progress_bar: bool = True
+    rater_probe: bool = True  # rater recall@10 after each epoch (logged, never selects)
 
     def __post_init__(self) -> None:
         if self.views < 1 or self.batch_size < 2 or self.max_epochs < 1 or self.threads < 1:
@@ -338,14 +344,74 @@ class _Rows(torch.utils.data.Dataset):
         return row
 
 
+PROBE_METRIC = "probe_rater_recall_at_10"
+
+
+@dataclass(frozen=True)
+class RaterProbe:
+    """Rater recall@10 through the model being trained, after every epoch: the curve that
+    shows whether engagement training moves what raters judge. It is logged, never used to
+    pick the epoch (the rater set stays held out for evaluation), and its gallery is the
+    pairs' listings plus every rater-judged listing, whole photos, so it reads above the
+    full-catalog evaluation: a trend, not the gate's number."""
+
+    queries: torch.Tensor  # frozen features of the rater query crops (view 0)
+    gallery: torch.Tensor  # frozen features of the gallery listings (view 0)
+    gallery_items: np.ndarray
+    relevant: list[set[str]]
+
+    @torch.no_grad()
+    def recall_at_10(self, model: Embedder) -> float:
+        from pipelines.evaluate import recall_at_k
+
+        was = model.training
+        model.eval()
+        q = model.forward_from_frozen(self.queries.float())
+        g = model.forward_from_frozen(self.gallery.float())
+        model.train(was)
+        top = torch.topk(q @ g.T, min(10, len(g)), dim=1).indices.numpy()
+        ranked = [self.gallery_items[row].tolist() for row in top]
+        return float(recall_at_k(ranked, self.relevant, (10,))[10].mean())
+
+
+def rater_probe(world: Path, table: PairTable, feats: np.ndarray, cache: FeatureCache,
+                threads: int) -> RaterProbe | None:
+    """The probe's cached features (new entries only for rater crops and judged listings
+    the pairs lack); None, with a warning, for a world without a rater set."""
+    from pipelines.evaluate import load_catalog, load_rater_set
+
+    tables = Path(world) / "tables"
+    if not (tables / "rater_queries.parquet").is_file():
+        log.warning("no rater set in %s: training runs without the rater probe", world)
+        return None
+    rater = load_rater_set(world)
+    catalog = load_catalog(world)
+    images = table.images
+    in_pairs = (images["item_id"].notna() & (images[["x0", "y0", "x1", "y1"]].to_numpy(float)
+                                             == WHOLE_IMAGE).all(axis=1)).to_numpy()
+    have = set(images.loc[in_pairs, "item_id"])
+    judged = sorted({i for rel in rater.relevant for i in rel} - have)
+    extra = catalog[catalog["item_id"].isin(judged)]
+    whole = pd.DataFrame({"path": extra["image_path"], "x0": 0.0, "y0": 0.0, "x1": 1.0,
+                          "y1": 1.0})
+    queries = pd.DataFrame({"path": rater.query_paths, **{
+        c: rater.query_boxes[:, i] for i, c in enumerate(("x0", "y0", "x1", "y1"))}})
+    new = cache.features(world, pd.concat([queries, whole], ignore_index=True), threads)
+    gallery = np.concatenate([feats[in_pairs, 0], new[len(queries):, 0]])
+    return RaterProbe(torch.from_numpy(new[:len(queries), 0]), torch.from_numpy(gallery),
+                      np.concatenate([images.loc[in_pairs, "item_id"].to_numpy(str),
+                                      extra["item_id"].to_numpy(str)]),
+                      [set(rel) for rel in rater.relevant])
+
+
 class ContrastiveModule(pl.LightningModule):
     """Weighted InfoNCE with mined hard negatives over cached frozen features; `model` is
     the network being trained (its frozen trunk already applied by `feats`)."""
 
     def __init__(self, model: Embedder, table: PairTable, feats: np.ndarray,
-                 cfg: TrainConfig) -> None:
+                 cfg: TrainConfig, probe: RaterProbe | None = None) -> None:
         super().__init__()
-        self.model, self.table, self.cfg = model, table, cfg
+        self.model, self.table, self.cfg, self.probe = model, table, cfg, probe
         train = table.split == "train"
         self.pairs = np.flatnonzero(train)
         self.val_pairs = np.flatnonzero(~train)
@@ -404,13 +470,16 @@ class ContrastiveModule(pl.LightningModule):
         loss = weighted_info_nce(q, p, torch.from_numpy(table.weight[pair]),
                                  torch.from_numpy(table.group[pair]), hard,
                                  self.cfg.temperature)
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(pair))
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True,
+                 batch_size=len(pair))
         self.epoch_loss.append(float(loss.detach()))
         return loss
 
 
     def on_train_epoch_end(self) -> None:
         scores = self.validation()
+        if self.probe is not None:
+            scores[PROBE_METRIC] = self.probe.recall_at_10(self.model)
         for name, value in scores.items():
             self.log(name, value, prog_bar=name == SELECT_METRIC)
         row = {"epoch": int(self.current_epoch),
@@ -503,10 +572,12 @@ def weights_digest(model: nn.Module) -> str:
 
 def train(world: Path, pairs_path: Path, out_dir: Path, cfg: TrainConfig | None = None,
           cache_dir: Path | None = None, resume: bool = False, fast_dev_run: bool = False,
-          overfit_batches: int = 0, callbacks: Sequence[pl.Callback] = ()) -> TrainResult:
+          overfit_batches: int = 0, callbacks: Sequence[pl.Callback] = (),
+          logger: pl.loggers.Logger | None = None) -> TrainResult:
     """Fit, keep the best checkpoint by `SELECT_METRIC`, save and export it; `out_dir` gets
     checkpoints/, embedder.pt, export/ and train.json (metrics, per-epoch curve, the
-    resolved package versions). `callbacks` join the checkpointing ones."""
+    resolved package versions). `callbacks` join the checkpointing ones; `logger` (e.g.
+    Lightning's MLFlowLogger, see `run_train`) receives every logged metric."""
     cfg = cfg or TrainConfig()
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -523,8 +594,10 @@ def train(world: Path, pairs_path: Path, out_dir: Path, cfg: TrainConfig | None 
     cache = FeatureCache(cache_dir or out_dir.parent / "feature_cache", model, cfg.views,
                          cfg.seed)
     feats = cache.features(world, table.images, threads=cfg.threads)
+    pair_entries_computed = cache.computed
+    probe = rater_probe(world, table, feats, cache, cfg.threads) if cfg.rater_probe else None
     cache_s = time.perf_counter() - t0
-    module = ContrastiveModule(model, table, feats, cfg)
+    module = ContrastiveModule(model, table, feats, cfg, probe)
     # best by the selection metric, and the latest epoch for resume (Lightning's save_last
     # only follows top-k saves, so "last" would lag behind an epoch that did not improve)
     best_ckpt = _checkpoint(ckpt_dir, "best", SELECT_METRIC)
@@ -533,7 +606,8 @@ def train(world: Path, pairs_path: Path, out_dir: Path, cfg: TrainConfig | None 
                                       check_on_train_epoch_end=True)]
     trainer = pl.Trainer(
         max_epochs=cfg.max_epochs, accelerator="cpu", devices=1, deterministic=True,
-        callbacks=[*([] if fast_dev_run else own), *callbacks], logger=False,
+        callbacks=[*([] if fast_dev_run else own), *callbacks], logger=logger or False,
+        log_every_n_steps=10,
         enable_checkpointing=not fast_dev_run, fast_dev_run=fast_dev_run,
         overfit_batches=overfit_batches, limit_val_batches=0, num_sanity_val_steps=0,
         enable_progress_bar=cfg.progress_bar, enable_model_summary=False)
@@ -561,14 +635,63 @@ def train(world: Path, pairs_path: Path, out_dir: Path, cfg: TrainConfig | None 
         "best_epoch": best_epoch, "selection_note": note,
         "final_val_recall_at_10": round(final["val_recall_at_10"], 4),
         "final_val_style_recall_at_10": round(final[SELECT_METRIC], 4),
+        "final_probe_rater_recall_at_10": None if probe is None else round(
+            probe.recall_at_10(model), 4),
         "curve": module.curve, "weights_sha256": weights_digest(model),
         "n_pairs_train": int((table.split == "train").sum()),
         "n_pairs_val": int((table.split == "val").sum()), "n_crops": len(table.images),
-        "cache_entries_computed": cache.computed, "pairs": str(pairs_path),
+        "cache_entries_computed": pair_entries_computed,
+        "probe_cache_entries_computed": cache.computed if probe is not None else 0,
+        "pairs": str(pairs_path),
         "config": asdict(cfg), "versions": resolved_versions(),
     }
     write_json_atomic(out_dir / "train.json", metrics, sort_keys=False)
     return TrainResult(out_dir, export_dir, metrics)
+
+
+TRAIN_RUN_FILE = "mlflow_run_id"  # in the run directory: a resumed training reopens its run
+
+
+def run_train(cfg: TrainConfig, world: Path, pairs_path: Path, out_dir: Path, *,
+              cache_dir: Path | None = None, resume: bool = False,
+              tracking_uri: str | None = None, log_mlflow: bool = True,
+              run_name: str | None = None, system_metrics_interval_s: float = 5.0,
+              callbacks: Sequence[pl.Callback] = ()) -> TrainResult:
+    """The train stage for the CLI, DVC and the retrain DAG: `train` as its own MLflow run
+    (Lightning's MLFlowLogger: per-step and per-epoch loss, validation and rater-probe
+    curves; system metrics; the pairs and catalog as dataset inputs; train.json as an
+    artifact). train.json records the run id, and the evaluation links back to it."""
+    if not log_mlflow:
+        return train(world, pairs_path, out_dir, cfg, cache_dir, resume, callbacks=callbacks)
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from pipelines import registry
+
+    reg = registry.RegistryConfig(tracking_uri)
+    out_dir, pairs_path = Path(out_dir), Path(pairs_path)
+    id_file = out_dir / TRAIN_RUN_FILE
+    reopen = id_file.read_text().strip() if resume and id_file.is_file() else None
+    inputs = {"training_pairs": (pairs_path, "training"),
+              "catalog": (Path(world) / "tables" / "catalog.parquet", "training")}
+    with registry.tracked_run(
+            reg, run_name=run_name or f"train-{out_dir.name}", run_id=reopen,
+            params={**{f"train.{k}": v for k, v in asdict(cfg).items()},
+                    "pairs": str(pairs_path), "world": str(world)},
+            inputs=inputs, tags={"loupe.stage": "train"},
+            system_metrics_interval_s=system_metrics_interval_s) as run_id:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(id_file, run_id + "\n")
+        logger = MLFlowLogger(experiment_name=reg.experiment, tracking_uri=reg.uri,
+                              run_id=run_id)
+        result = train(world, pairs_path, out_dir, cfg, cache_dir, resume,
+                       callbacks=callbacks, logger=logger)
+        result.metrics["mlflow_run_id"] = run_id
+        write_json_atomic(out_dir / "train.json", result.metrics, sort_keys=False)
+        summary = {k: float(v) for k, v in result.metrics.items()
+                   if k.endswith(("_seconds", "_recall_at_10")) and v is not None}
+        logger.log_metrics({f"final/{k}": v for k, v in summary.items()})
+        logger.experiment.log_artifact(run_id, str(out_dir / "train.json"))
+    return result
 
 
 def _selection(module: ContrastiveModule) -> tuple[int | None, str | None]:
@@ -615,6 +738,10 @@ def add_cli(sub) -> None:
     p.add_argument("--fast-dev-run", action="store_true", help="one batch, no checkpoints")
     p.add_argument("--frozen-baseline", action="store_true",
                    help="export the untrained baseline to OUT/export instead of training")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store of the training run (default: $MLFLOW_TRACKING_URI or "
+                        "the repo's mlflow.db)")
+    p.add_argument("--no-mlflow", action="store_true", help="train without an MLflow run")
     p.set_defaults(func=_cli)
 
 
@@ -626,7 +753,12 @@ def _cli(args) -> int:
     if args.pairs is None or args.world is None:
         raise ValueError("--world and --pairs are required unless --frozen-baseline")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    result = train(args.world, args.pairs, args.out, cfg, args.cache, args.resume,
-                   args.fast_dev_run)
+    if args.fast_dev_run:
+        result = train(args.world, args.pairs, args.out, cfg, args.cache, args.resume,
+                       fast_dev_run=True)
+    else:
+        result = run_train(cfg, args.world, args.pairs, args.out, cache_dir=args.cache,
+                           resume=args.resume, tracking_uri=args.tracking_uri,
+                           log_mlflow=not args.no_mlflow)
     print(json.dumps(result.metrics, indent=1))
     return 0

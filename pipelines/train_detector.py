@@ -29,8 +29,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_contracts.durable import atomic_dir, write_bytes_atomic, write_text_atomic
 from models.detector import (
-    ONNX_FILE,
-    SPEC_FILE,
     CenterNetDetector,
     Detections,
     ExportedDetector,
@@ -602,7 +600,10 @@ def _mlflow_logger(cfg: DetectorTrainConfig):
 
 def _log_run_outputs(logger, metrics: dict, out_dir: Path) -> None:
     """Final held-out metrics (overall and per category), the report files, and the exported
-    detector under `model/`, where the registry looks for a version's files."""
+    detector as an MLflow pyfunc model under `model/`, where the registry looks."""
+    import tempfile
+
+    from pipelines.mlflow_model import save_detector_model
     from pipelines.registry import MODEL_ARTIFACT_DIR
 
     client, run_id = logger.experiment, logger.run_id
@@ -614,8 +615,9 @@ def _log_run_outputs(logger, metrics: dict, out_dir: Path) -> None:
                           float(value))
     client.log_artifact(run_id, str(out_dir / METRICS_FILE))
     client.log_artifact(run_id, str(out_dir / PREDICTIONS_PNG))
-    for name in (ONNX_FILE, SPEC_FILE):
-        client.log_artifact(run_id, str(out_dir / EXPORT_DIR / name), MODEL_ARTIFACT_DIR)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = save_detector_model(out_dir / EXPORT_DIR, Path(tmp) / "model")
+        client.log_artifacts(run_id, str(model), MODEL_ARTIFACT_DIR)
     client.set_terminated(run_id)
 
 
@@ -632,8 +634,8 @@ def register_detector(run_id: str, tracking_uri: str | None = None,
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = client.get_run(run_id)
     files = {a.path for a in client.list_artifacts(run_id, MODEL_ARTIFACT_DIR)}
-    if f"{MODEL_ARTIFACT_DIR}/{ONNX_FILE}" not in files:
-        raise ValueError(f"run {run_id} has no {MODEL_ARTIFACT_DIR}/{ONNX_FILE}; "
+    if f"{MODEL_ARTIFACT_DIR}/MLmodel" not in files:
+        raise ValueError(f"run {run_id} has no MLflow model under {MODEL_ARTIFACT_DIR}/; "
                          "nothing to register")
     map50 = run.data.metrics.get("test_map50", float("nan"))
     return create_version(client, name, run_id, run.info.artifact_uri,

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -109,9 +110,11 @@ class ServingStack:
     replicas: int = 2
     deadline_s: float = 0.15
     rerank: RerankConfig = field(default_factory=RerankConfig)
+    supervise: bool = True  # restart what dies (see Supervisor); fault tests drive it by hand
     triton: TritonServer | None = None
     shards: dict[int, list[ServiceProcess]] = field(default_factory=dict)
     api: ServiceProcess | None = None
+    supervisor: Supervisor | None = None
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -154,24 +157,31 @@ class ServingStack:
                                       free_port(), self.run_dir / "api.log", self._env(),
                                       ready_path="/readyz").start()
             self.api.wait_ready(timeout_s)
+            if self.supervise:
+                self.supervisor = Supervisor(self).start()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def restart_replica(self, shard_id: int, replica: int, model_version: str) -> None:
-        """Bring a killed replica back on its old port (the API's topology is static)."""
+    def restart_replica(self, shard_id: int, replica: int, model_version: str | None = None,
+                        timeout_s: float = 90.0) -> None:
+        """Bring a killed replica back on its old port (the API's topology is static),
+        serving the live model version unless told otherwise."""
         old = self.shards[shard_id][replica]
         old.kill()
-        proc = self.shard_process(shard_id, replica, model_version, port=old.port).start()
+        version = model_version or pointer.live_manifest(self.index_root)["model_version"]
+        proc = self.shard_process(shard_id, replica, version, port=old.port).start()
         self.shards[shard_id][replica] = proc
-        proc.wait_ready()
+        proc.wait_ready(timeout_s)
 
     @property
     def url(self) -> str:
         return self.api.url
 
     def stop(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
         if self.api is not None:
             self.api.stop()
         for procs in self.shards.values():
@@ -185,3 +195,79 @@ class ServingStack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@dataclass
+class Restart:
+    name: str
+    died_at: float  # monotonic time the supervisor saw the process gone
+    serving_at: float | None  # when it answered its readiness probe again; None: failed
+    error: str = ""
+
+
+class Supervisor:
+    """Restarts a shard replica or tritonserver that exited (kill -9, OOM, crash) on its
+    old ports, as Kubernetes' controllers do for the manifests in infra/k8s. A process that
+    dies again soon after a restart waits twice as long before the next try (up to
+    `max_backoff_s`), so a crash loop does not spin. Only exits are seen: a stalled process
+    keeps its slot (readiness reports it; see serving/api/replica_health.py)."""
+
+    def __init__(self, stack: ServingStack, every_s: float = 0.2, backoff_s: float = 0.5,
+                 max_backoff_s: float = 30.0, stable_s: float = 60.0):
+        self.stack, self.every_s = stack, every_s
+        self.backoff_s, self.max_backoff_s, self.stable_s = backoff_s, max_backoff_s, stable_s
+        self.restarts: list[Restart] = []
+        self._wait: dict[str, float] = {}  # name -> backoff before its next restart
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="loupe-supervisor",
+                                        daemon=True)
+
+    def start(self) -> Supervisor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(120)
+
+    def _dead(self) -> list[tuple[str, object]]:
+        out = []
+        triton = self.stack.triton
+        if triton is not None and triton.process is not None and triton.process.poll() is not None:
+            out.append(("tritonserver", None))
+        for shard_id, procs in self.stack.shards.items():
+            for replica, proc in enumerate(procs):
+                if not proc.alive():
+                    out.append((proc.name, (shard_id, replica)))
+        return out
+
+    def _restart(self, name: str, slot: tuple[int, int] | None) -> None:
+        died_at = time.monotonic()
+        wait = self._wait.get(name, 0.0)
+        if self._stop.wait(wait):
+            return
+        try:
+            if slot is None:
+                triton = self.stack.triton
+                triton.stop()
+                triton.start_process()
+                triton.wait_ready(180)
+            else:
+                self.stack.restart_replica(*slot)
+            self.restarts.append(Restart(name, died_at, time.monotonic()))
+        except (OSError, RuntimeError, TimeoutError, KeyError, ValueError) as err:
+            self.restarts.append(Restart(name, died_at, None, str(err)[:500]))
+            print(f"supervisor: restarting {name} failed: {err}", file=sys.stderr)
+        previous = [r for r in self.restarts[:-1] if r.name == name]
+        crash_loop = previous and previous[-1].serving_at is not None and (
+            died_at - previous[-1].serving_at < self.stable_s)
+        self._wait[name] = (min(self.max_backoff_s, max(self.backoff_s, 2 * wait))
+                            if crash_loop or self.restarts[-1].serving_at is None else 0.0)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            for name, slot in self._dead():
+                if self._stop.is_set():
+                    return
+                self._restart(name, slot)

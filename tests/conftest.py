@@ -49,8 +49,22 @@ def checkout_fingerprint(repo: Path = REPO) -> dict[str, tuple[int, int]]:
     return out
 
 
+_TEST_SPANS: list[tuple[float, float, str]] = []  # (start, stop, nodeid) of every test phase
+
+
 def pytest_sessionstart(session) -> None:
     session.config._loupe_fingerprint = checkout_fingerprint()
+
+
+def pytest_runtest_logreport(report) -> None:
+    _TEST_SPANS.append((report.start, report.stop, report.nodeid))
+
+
+def _writer_of(mtime_ns: int) -> str:
+    """The test running when a file was written (by its mtime), so the error names it."""
+    t = mtime_ns / 1e9
+    hits = [nodeid for start, stop, nodeid in _TEST_SPANS if start - 1 <= t <= stop + 1]
+    return hits[-1] if hits else "outside any test (collection or fixtures)"
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
@@ -60,10 +74,22 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     after = checkout_fingerprint()
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     if changed:
-        print(f"\nERROR: the test suite changed the checkout's stores: {changed[:10]}"
-              f"{' ...' if len(changed) > 10 else ''}; tests must write to temp dirs "
-              "(MLFLOW_TRACKING_URI, LOUPE_ROOT, tmp_path)")
+        lines = [f"{k} (written during {_writer_of(after[k][1])})" if k in after
+                 else f"{k} (deleted)" for k in changed[:10]]
+        session.config._loupe_guard_error = (
+            "the test suite changed the checkout's stores; tests must write to temp dirs "
+            "(MLFLOW_TRACKING_URI, LOUPE_ROOT, tmp_path):\n  " + "\n  ".join(lines)
+            + (f"\n  ... and {len(changed) - 10} more" if len(changed) > 10 else ""))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Printed last, above the counts line, where a CI log's tail shows it."""
+    error = getattr(config, "_loupe_guard_error", None)
+    if error:
+        terminalreporter.section("checkout guard", sep="=", red=True, bold=True)
+        terminalreporter.write_line("ERROR: " + error, red=True)
 
 
 @pytest.fixture(autouse=True)

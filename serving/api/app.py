@@ -41,12 +41,15 @@ from prometheus_client import generate_latest
 from pydantic import BaseModel, Field
 
 from data_contracts.constants import GRID_SIZE
+from serving.api.admission import Admission
 from serving.api.errors import ApiError, Rejected, answer_api_error
 from serving.api.fanout import Fanout, LatencyTracker, ShardTopology
 from serving.api.metrics import Metrics, RequestTelemetry, request_log
+from serving.api.replica_health import ReplicaHealth
 from serving.api.rerank import RerankConfig
 from serving.api.search import DetectResult, SearchQuery, SearchResult, SearchService, Tables
 from serving.api.triton_client import TritonModels
+from serving.api.uploads import BodyLimit
 from serving.switch import Live, Switcher
 
 STATIC = Path(__file__).parent / "static"
@@ -66,6 +69,12 @@ class ApiSettings:
     deadline_s: float = 0.15  # shard fan-out budget inside the 250 ms p95 ceiling
     candidates_per_shard: int = 50
     switch_timeout_s: float = 30.0
+    health_probe_every_s: float = 5.0
+    # admission (serving/api/admission.py): 8 in flight is the concurrency where bench/serve.py
+    # saturates two cores; past it a request waits 100 ms for a slot, then gets a 503
+    max_in_flight: int = 8
+    max_queue_wait_s: float = 0.1
+    max_waiting: int = 32
     rerank: RerankConfig = field(default_factory=RerankConfig)
 
     @classmethod
@@ -92,6 +101,8 @@ class ApiState:
     service: SearchService
     switcher: Switcher
     triton: TritonModels
+    replica_health: ReplicaHealth
+    admission: Admission
 
 
 # --------------------------------------------------------------------------- dependencies
@@ -139,7 +150,8 @@ def _form_box(box: str | None) -> list[float] | None:
 
 @search_router.post("/v1/detect", response_model=DetectResult)
 async def detect(state: State, image: Annotated[UploadFile, File()]):
-    found = await state.service.detect(await image.read())
+    async with state.admission.slot():
+        found = await state.service.detect(await image.read())
     return JSONResponse(asdict(found))
 
 
@@ -149,9 +161,10 @@ async def search(state: State, request: Request, image: Annotated[UploadFile, Fi
                  box_index: Annotated[int | None, Form()] = None,
                  k: Annotated[int, Form()] = GRID_SIZE,
                  region: Annotated[str | None, Form()] = None):
-    data = await image.read()
-    result = await state.service.search(SearchQuery(data, _form_box(box), box_index, k, region,
-                                                    request.state.request_id))
+    query = SearchQuery(await image.read(), _form_box(box), box_index, k, region,
+                        request.state.request_id)
+    async with state.admission.slot():
+        result = await state.service.search(query)
     # plain JSON types already: FastAPI's jsonable_encoder would cost ~0.2 ms per search
     return JSONResponse(asdict(result))
 
@@ -162,11 +175,19 @@ async def healthz():
 
 
 @search_router.get("/readyz")
-async def readyz(state: State, live: LiveNow):
+async def readyz(state: State, live: LiveNow, partial_ok: bool = False):
+    """503 while Triton's live version is not loaded or a shard has no replica answering
+    (every search would be `partial`); 200 `degraded` while a shard runs on fewer replicas
+    than configured. `?partial_ok=true` keeps a missing shard at 200 for a load balancer
+    that should go on serving flagged partial answers rather than none."""
     if not await state.triton.ready(live.triton_version):
         raise HTTPException(503, f"triton version {live.triton_version} not ready")
-    return {"status": "ready", "model_version": live.model_version,
+    redundancy = await state.replica_health.probe()
+    body = {**redundancy.as_dict(), "model_version": live.model_version,
             "index_version": live.index_version}
+    if redundancy.missing and not partial_ok:
+        return JSONResponse(body, status_code=503)
+    return body
 
 
 @search_router.get("/metrics")
@@ -262,10 +283,17 @@ def create_app(settings: ApiSettings, routers: Sequence[APIRouter] = ()) -> Fast
                 triton, Fanout(ShardTopology(settings.shards), http, LatencyTracker()), tables,
                 lambda: switcher.live, metrics, settings.deadline_s,
                 settings.candidates_per_shard)
-            app.state.loupe = ApiState(settings, metrics, service, switcher, triton)
+            health = ReplicaHealth(settings.shards, http, metrics.replicas_up,
+                                   metrics.shards_missing)
+            prober = asyncio.create_task(health.probe_forever(settings.health_probe_every_s))
+            admission = Admission(settings.max_in_flight, settings.max_queue_wait_s,
+                                  settings.max_waiting, metrics.in_flight, metrics.shed)
+            app.state.loupe = ApiState(settings, metrics, service, switcher, triton, health,
+                                       admission)
             try:
                 yield
             finally:
+                prober.cancel()
                 await triton.close()
 
     app = FastAPI(title="Loupe search API", version="1", lifespan=lifespan)
@@ -277,6 +305,7 @@ def create_app(settings: ApiSettings, routers: Sequence[APIRouter] = ()) -> Fast
         live = state.switcher.live
         return live.model_version, live.index_version
 
+    app.add_middleware(BodyLimit)  # inside the telemetry, so refusals are counted
     app.add_middleware(RequestTelemetry, metrics=metrics, serving=serving)
     app.add_exception_handler(ApiError, answer_api_error)
     for router in (search_router, admin_router, demo_router, *routers):

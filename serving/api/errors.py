@@ -41,4 +41,6 @@ class Unavailable(ApiError):
 
 async def answer_api_error(_: Request, exc: ApiError) -> JSONResponse:
     """The exception handler both front doors install for `ApiError`."""
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+    retry = getattr(exc, "retry_after_s", None)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status,
+                        headers={"Retry-After": str(retry)} if retry is not None else None)

@@ -43,6 +43,15 @@ class Metrics:
                                registry=r)
         self.index_age = Gauge("loupe_index_age_seconds", "age of the live index build",
                                registry=r)
+        self.replicas_up = Gauge("loupe_shard_replicas_up", "shard replicas answering /healthz",
+                                 ["shard"], registry=r)
+        self.shards_missing = Gauge("loupe_shards_missing", "shards with no replica answering",
+                                    registry=r)
+        self.in_flight = Gauge("loupe_requests_in_flight",
+                               "searches and detects holding an admission slot", registry=r)
+        self.shed = Counter("loupe_requests_shed_total",
+                            "searches and detects refused (503) by admission control",
+                            registry=r)
         self.model_version = Gauge("loupe_model_version_info", "served model and index",
                                    ["model_version", "index_version"], registry=r)
 

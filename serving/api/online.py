@@ -40,7 +40,7 @@ from serving.api.experiments import (
     team_draft,
 )
 from serving.api.impressions import Grid, ImpressionLog, ShownItem
-from serving.api.uploads import check_image
+from serving.api.uploads import BodyLimit, check_image
 
 WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)
 Box = tuple[float, float, float, float]
@@ -127,6 +127,7 @@ def create_online_app(cfg: ExperimentConfig, backends: Mapping[str, SearchBacken
     if missing:
         raise ValueError(f"no search backend for rankers {sorted(missing)}")
     app = FastAPI(title="Loupe experiment front door", version="1")
+    app.add_middleware(BodyLimit)
     app.add_exception_handler(ApiError, answer_api_error)
     app.include_router(events_router(log))
 

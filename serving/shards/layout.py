@@ -35,6 +35,7 @@ CURRENT = "current"
 PREVIOUS = "previous"
 HISTORY = "history.jsonl"
 PENDING_MOVE = "pointer-move.json"
+ROLLOUT_LEASE = "rollout-lease.json"  # who is rolling out onto this index root now
 DELTA_DB = "delta.sqlite"
 
 

@@ -109,7 +109,8 @@ def create_shard_app(store: ShardStore, item_filter: ItemFilter | None = None,
 
     @app.post("/admin/expect-model")
     async def expect_model(body: ExpectModel, x_admin_token: str | None = Header(None)):
-        if not admin_token or not hmac.compare_digest(x_admin_token or "", admin_token):
+        if not admin_token or not hmac.compare_digest((x_admin_token or "").encode(),
+                                                      admin_token.encode()):
             raise HTTPException(401, "admin endpoints need a valid X-Admin-Token header")
         await asyncio.to_thread(store.expect_model_version, body.model_version)
         return store.status()

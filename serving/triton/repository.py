@@ -26,40 +26,6 @@ PYTHON_MODELS = Path(__file__).parent / "python_models"
 MODELS = ("detector", "embedder")
 META_FILE = "loupe.json"
 
-_EMBEDDER_CONFIG = """name: "embedder"
-backend: "python"
-max_batch_size: {max_batch}
-input [
-  {{ name: "IMAGE", data_type: TYPE_STRING, dims: [ 1 ] }},
-  {{ name: "BOX", data_type: TYPE_FP32, dims: [ 4 ] }}
-]
-output [
-  {{ name: "EMBEDDING", data_type: TYPE_FP32, dims: [ {dim} ] }},
-  {{ name: "MODEL_VERSION", data_type: TYPE_STRING, dims: [ 1 ] }}
-]
-dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}
-instance_group [ {{ kind: KIND_CPU, count: {instances} }} ]
-version_policy: {{ specific: {{ versions: [ {versions} ] }} }}
-parameters: {{ key: "ORT_THREADS", value: {{ string_value: "{threads}" }} }}
-"""
-
-_DETECTOR_CONFIG = """name: "detector"
-backend: "python"
-max_batch_size: {max_batch}
-input [ {{ name: "IMAGE", data_type: TYPE_STRING, dims: [ 1 ] }} ]
-output [
-  {{ name: "BOXES", data_type: TYPE_FP32, dims: [ -1, 4 ] }},
-  {{ name: "SCORES", data_type: TYPE_FP32, dims: [ -1 ] }},
-  {{ name: "LABELS", data_type: TYPE_INT32, dims: [ -1 ] }},
-  {{ name: "MODEL_VERSION", data_type: TYPE_STRING, dims: [ 1 ] }}
-]
-dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}
-instance_group [ {{ kind: KIND_CPU, count: {instances} }} ]
-version_policy: {{ specific: {{ versions: [ {versions} ] }} }}
-parameters: {{ key: "ORT_THREADS", value: {{ string_value: "{threads}" }} }}
-"""
-
-
 @dataclass(frozen=True)
 class TritonModelConfig:
     """Serving knobs of both models. Queue delay 0: on CPU a batch-1 call costs ~1 ms and a
@@ -127,15 +93,41 @@ def serve_versions(repo: Path, numbers: Iterable[int], cfg: TritonModelConfig | 
     missing = [n for n in wanted for m in MODELS if not (Path(repo) / m / str(n)).is_dir()]
     if not wanted or missing:
         raise ValueError(f"cannot serve versions {wanted}: not installed {sorted(set(missing))}")
-    versions = ", ".join(str(n) for n in wanted)
-    fields = dict(versions=versions, instances=cfg.instances, threads=cfg.ort_threads,
-                  max_batch=cfg.max_batch, queue_delay_us=cfg.queue_delay_us,
-                  dim=cfg.embedding_dim)
-    for name, template in (("embedder", _EMBEDDER_CONFIG), ("detector", _DETECTOR_CONFIG)):
+    from google.protobuf import text_format
+
+    for name in MODELS:
         tmp = Path(repo) / name / "config.pbtxt.tmp"
-        tmp.write_text(template.format(**fields))
+        tmp.write_text(text_format.MessageToString(model_config(name, wanted, cfg)))
         tmp.replace(tmp.with_suffix(""))
     return wanted
+
+
+# the tensors each python model reads and writes: (name, data type, dims)
+_TENSORS = {
+    "embedder": ([("IMAGE", "TYPE_STRING", [1]), ("BOX", "TYPE_FP32", [4])],
+                 [("EMBEDDING", "TYPE_FP32", None), ("MODEL_VERSION", "TYPE_STRING", [1])]),
+    "detector": ([("IMAGE", "TYPE_STRING", [1])],
+                 [("BOXES", "TYPE_FP32", [-1, 4]), ("SCORES", "TYPE_FP32", [-1]),
+                  ("LABELS", "TYPE_INT32", [-1]), ("MODEL_VERSION", "TYPE_STRING", [1])]),
+}
+
+
+def model_config(name: str, versions: Iterable[int], cfg: TritonModelConfig):
+    """Triton's `ModelConfig` protobuf of one python model serving exactly `versions`: the
+    schema Triton parses, so a misspelt field fails here rather than at model load."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    config = mc.ModelConfig(name=name, backend="python", max_batch_size=cfg.max_batch)
+    inputs, outputs = _TENSORS[name]
+    for field, tensors in ((config.input, inputs), (config.output, outputs)):
+        for tensor, dtype, dims in tensors:
+            field.add(name=tensor, data_type=mc.DataType.Value(dtype),
+                      dims=[cfg.embedding_dim] if dims is None else dims)
+    config.dynamic_batching.max_queue_delay_microseconds = cfg.queue_delay_us
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=cfg.instances)
+    config.version_policy.specific.versions.extend(sorted(set(versions)))
+    config.parameters["ORT_THREADS"].string_value = str(cfg.ort_threads)
+    return config
 
 
 def installed_versions(repo: Path, model: str = "embedder") -> list[int]:

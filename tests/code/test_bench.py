@@ -154,3 +154,27 @@ def test_colour_confusion_counts_same_palette_items_of_other_styles(tiny_world):
     share = style.colour_confusion(mixed)
     assert share == pytest.approx(sum(expected) / len(expected))
     assert sum(expected) > 0  # the tiny world has such items, so the check is not vacuous
+
+
+def _seed_row(seed, debiased, naive):
+    return {"seed": seed, "debiased_recall_at_10": debiased, "naive_recall_at_10": naive,
+            "gap": debiased - naive}
+
+
+def test_seed_study_interval_over_seeds_and_its_degenerate_case(capsys):
+    from scipy import stats
+
+    from bench.seed_study import summarise
+
+    rows = [_seed_row(0, 0.50, 0.40), _seed_row(1, 0.46, 0.44), _seed_row(2, 0.47, 0.48)]
+    s = summarise(rows)
+    gaps = [0.10, 0.02, -0.01]
+    lo, hi = stats.t.interval(0.95, 2, loc=sum(gaps) / 3, scale=stats.sem(gaps))
+    assert s["gap_ci95_over_seeds"] == [round(lo, 4), round(hi, 4)]
+    assert s["gap_mean"] == pytest.approx(0.0367, abs=1e-4) and s["debiased_ahead"] == "2/3"
+    assert "warning" not in s
+    same = summarise([_seed_row(1, 0.5, 0.45), _seed_row(2, 0.52, 0.47)])
+    assert same["gap_ci95_over_seeds"] == [0.05, 0.05]  # not NaN
+    assert "degenerate" in same["warning"] and "WARNING" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at least two seeds"):
+        summarise(rows[:1])

@@ -124,6 +124,9 @@ def test_rollout_is_asset_scheduled_mapped_and_pooled(dagbag):
              "canary", "cutover", "smoke_query"]
     for up, down in zip(chain, chain[1:], strict=False):
         assert up in tasks[down].upstream_task_ids, (up, down)
+    # the rollout lease taken in `plan` is given back however the run ends
+    assert tasks["release_lease"].is_teardown
+    assert tasks["release_lease"].upstream_task_ids == {"configure", "smoke_query"}
     # the Triton export runs beside the re-embedding and gates the cutover; a skipped export
     # (attribute vectors) does not skip the cutover, a failed one stops it
     assert {"plan"} <= tasks["export_triton"].upstream_task_ids

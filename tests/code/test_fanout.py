@@ -74,3 +74,16 @@ def test_other_model_version_is_never_merged():
     fan, _ = _fanout(apps, {0: ["http://a0"], 1: ["http://a1"]})
     res = asyncio.run(fan.search([0.0] * 4, k=2, deadline_s=1.0, expect_model_version="m/1"))
     assert res.missing_shards == [1] and {h.shard_id for h in res.hits} == {0}
+
+
+def test_redundancy_names_missing_and_degraded_shards():
+    from serving.api.replica_health import Redundancy
+
+    whole = Redundancy({0: 2, 1: 2}, {0: 2, 1: 2})
+    assert (whole.status, whole.missing, whole.degraded) == ("ready", [], [])
+    one_down = Redundancy({0: 2, 1: 1}, {0: 2, 1: 2})
+    assert (one_down.status, one_down.degraded) == ("degraded", [1])
+    gone = Redundancy({0: 1, 1: 0, 2: 0}, {0: 2, 1: 2, 2: 2})
+    assert gone.as_dict() == {"status": "missing_shards", "missing_shards": [1, 2],
+                              "degraded_shards": [0],
+                              "replicas_up": {"0": "1/2", "1": "0/2", "2": "0/2"}}

@@ -16,7 +16,6 @@ import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -194,52 +193,44 @@ def _io(cfg) -> tuple:
     return tuple((t.name, t.data_type, tuple(t.dims)) for t in (*cfg.input, *cfg.output))
 
 
-def test_triton_production_configs_keep_the_cpu_serving_contract(tmp_path):
-    import onnxruntime as ort
+def test_triton_serves_the_repository_the_rollout_writes(tmp_path):
+    """The configs come from Triton's ModelConfig protobuf and round-trip through Triton's
+    text format; the Deployment serves the path the search API names, on CPU (no GPU path
+    is built: infra/triton/README.md)."""
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from models.embedder import TINY_CNN, Embedder, EmbedderSpec
-    from models.export import ONNX_FILE, export_embedder
-    from models.preprocessing import EMBED_PX
     from serving.triton import repository
 
-    prod = {p.parent.name: _model_config(p.read_text())
-            for p in (INFRA / "triton" / "model_repository").glob("*/config.pbtxt")}
-    assert set(prod) == {"embedder", "embedder_onnx", "detector", "detector_onnx"}
-    for name, cfg in prod.items():
-        assert cfg.name == name
-    # the front models answer exactly like the CPU python models the tests serve
     for model in repository.MODELS:
-        (tmp_path / model / "1").mkdir(parents=True)
-    repository.serve_versions(tmp_path, [1])
-    for model in repository.MODELS:
-        cpu = _model_config((tmp_path / model / "config.pbtxt").read_text())
-        assert _io(prod[model]) == _io(cpu), model
-        assert prod[model].backend == cpu.backend == "python"
-        assert prod[model].parameters["ONNX_MODEL"].string_value == f"{model}_onnx"
-    # the GPU graphs: onnxruntime + TensorRT on KIND_GPU instances
-    for model in ("embedder_onnx", "detector_onnx"):
-        cfg = prod[model]
-        assert cfg.backend == "onnxruntime"
-        assert {g.kind for g in cfg.instance_group} == {mc.ModelInstanceGroup.KIND_GPU}
-        [trt] = cfg.optimization.execution_accelerators.gpu_execution_accelerator
-        assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP16"
-    # embedder_onnx's tensors are the ones models/export.py writes
-    export = export_embedder(Embedder(EmbedderSpec(backbone=TINY_CNN, pretrained=False)),
-                             tmp_path / "export")
-    session = ort.InferenceSession(str(export / ONNX_FILE), providers=["CPUExecutionProvider"])
-    [inp], [out] = session.get_inputs(), session.get_outputs()
-    batch = np.random.default_rng(0).random((2, 3, EMBED_PX, EMBED_PX), dtype=np.float32)
-    result = session.run(None, {inp.name: batch})[0]
-    cfg = prod["embedder_onnx"]
-    assert [(t.name, tuple(t.dims)) for t in cfg.input] == [(inp.name, (3, EMBED_PX, EMBED_PX))]
-    assert [(t.name, tuple(t.dims)) for t in cfg.output] == [(out.name, result.shape[1:])]
-    assert result.shape[1:] == tuple(prod["embedder"].output[0].dims)
-    # the Deployment serves that repository with explicit model control
+        for n in (3, 4):
+            (tmp_path / model / str(n)).mkdir(parents=True)
+    cfg = repository.TritonModelConfig(instances=2, ort_threads=3, embedding_dim=128)
+    assert repository.serve_versions(tmp_path, [4, 3], cfg) == [3, 4]
+    configs = {m: _model_config((tmp_path / m / "config.pbtxt").read_text())
+               for m in repository.MODELS}
+    for name, served in configs.items():
+        assert served == repository.model_config(name, [3, 4], cfg)
+        assert served.name == name and served.backend == "python"
+        assert list(served.version_policy.specific.versions) == [3, 4]
+        assert [(g.kind, g.count) for g in served.instance_group] == [
+            (mc.ModelInstanceGroup.KIND_CPU, 2)]
+        assert served.parameters["ORT_THREADS"].string_value == "3"
+        assert served.HasField("dynamic_batching")
+    assert _io(configs["embedder"]) == (("IMAGE", mc.TYPE_STRING, (1,)),
+                                        ("BOX", mc.TYPE_FP32, (4,)),
+                                        ("EMBEDDING", mc.TYPE_FP32, (128,)),
+                                        ("MODEL_VERSION", mc.TYPE_STRING, (1,)))
+    assert [t.name for t in configs["detector"].output] == ["BOXES", "SCORES", "LABELS",
+                                                            "MODEL_VERSION"]
+    with pytest.raises(ValueError, match="not installed"):
+        repository.serve_versions(tmp_path, [5], cfg)
+    assert not (INFRA / "triton" / "model_repository").exists()  # no unbuilt GPU configs
     triton = container(k8s_objects()[("Deployment", "loupe-triton")])
     args = flags(triton["args"])
     assert args["--model-control-mode"] == "explicit"
-    assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
+    api = json.loads(k8s_objects()[("Secret", "loupe-api-settings")]["stringData"]["api.json"])
+    assert args["--model-repository"] == api["triton_repo"]
+    assert "nvidia.com/gpu" not in json.dumps(triton["resources"])
     for name in ("http", "grpc", "metrics"):
         assert int(args[f"--{name}-port"]) == port_named(triton, name)
 

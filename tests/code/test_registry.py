@@ -141,6 +141,17 @@ def test_gate_refuses_numbers_from_a_different_eval_set(cfg, tmp_path):
     assert reg.version_for_alias(cfg, reg.CHAMPION) == v2
 
 
+def test_gate_refuses_when_the_champion_moved_during_the_evaluation(cfg, tmp_path):
+    v1 = _evaluated(cfg, tmp_path, 0.50)
+    reg.promotion_gate(cfg, v1)
+    v2 = _evaluated(cfg, tmp_path, 0.90)
+    stale = reg.promotion_gate(cfg, v2, champion_recall=0.40, measured_champion="loupe-embedder/9")
+    assert not stale.promoted and f"champion moved to {v1.model_version}" in stale.reason
+    assert reg.version_for_alias(cfg, reg.CHAMPION) == v1
+    fresh = reg.promotion_gate(cfg, v2, champion_recall=0.40, measured_champion=v1.model_version)
+    assert fresh.promoted and fresh.champion_recall == 0.40
+
+
 def test_decide_promotion_boundary():
     assert reg.decide_promotion(0.62, 0.60, 0.02)[0]  # exactly the margin counts
     assert not reg.decide_promotion(0.619, 0.60, 0.02)[0]
@@ -298,7 +309,8 @@ def test_a_bootstrap_champion_is_rescored_before_a_retrain_replaces_it(tmp_path)
     challenger = _evaluated(cfg, tmp_path, 0.40)
     refused = reg.promotion_gate(cfg, challenger.version)
     assert not refused.promoted and BOOTSTRAP_FINGERPRINT in refused.reason
-    decision = reg.promotion_gate(cfg, challenger.version, rescore=lambda ref: 0.30)
+    decision = reg.promotion_gate(cfg, challenger.version, champion_recall=0.30,
+                                  measured_champion=boot)
     assert decision.promoted and decision.champion == boot
     assert decision.champion_recall == 0.30 and "re-evaluated" in decision.reason
     assert reg.version_for_alias(cfg, reg.CHAMPION).version == challenger.version

@@ -21,8 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from models.preprocessing import MAX_IMAGE_BYTES
 from pipelines.embed import attribute_vectors
 from pipelines.index import IndexParams, canary, write_manifest
+from serving.api.admission import Admission, Overloaded
 from serving.api.app import ApiSettings, ApiState, create_app
-from serving.api.errors import Rejected, Unavailable
+from serving.api.errors import Rejected, Unavailable, answer_api_error
 from serving.api.experiments import DEFAULT_CONFIG, ExperimentConfig
 from serving.api.fanout import Fanout, LatencyTracker, ShardTopology
 from serving.api.impressions import ImpressionLog
@@ -202,7 +203,8 @@ def search_api(index, tmp_path) -> TestClient:
     app = create_app(settings)
     svc, _, _ = service(index, metrics=app.state.metrics)
     switcher = SimpleNamespace(live=svc.live())  # what /metrics and /readyz read
-    app.state.loupe = ApiState(settings, app.state.metrics, svc, switcher, triton=None)
+    app.state.loupe = ApiState(settings, app.state.metrics, svc, switcher, triton=None,
+                               replica_health=None, admission=Admission(8, 0.1, 32))
     return TestClient(app, raise_server_exceptions=False)
 
 
@@ -286,3 +288,72 @@ def test_every_request_writes_one_json_log_line_with_its_id_and_versions(index, 
     assert all((x["model_version"], x["index_version"]) ==
                (live.model_version, live.index_version) and x["ms"] >= 0 for x in lines)
     assert "s3cret-token" not in caplog.text and "no/such" not in caplog.text
+
+
+def test_an_oversized_body_is_refused_while_it_streams(index, tmp_path):
+    """A declared Content-Length over the limit gets a 413 before the body is read; a
+    chunked upload gets a 413 once the bytes received pass the limit. (The test client
+    drains the body regardless; the app stops reading at the limit.)"""
+    client = search_api(index, tmp_path)
+    chunk = b"\0" * (1 << 20)
+
+    def body():
+        for _ in range(64):
+            yield chunk
+
+    r = client.post("/v1/search", content=body(),
+                    headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 413 and "limit is" in r.json()["detail"]
+    r = client.post("/v1/search", content=b"x",
+                    headers={"Content-Length": str(10**10),
+                             "Content-Type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 413 and f"{10**10} bytes" in r.json()["detail"]
+    metrics = client.get("/metrics").text  # refused inside the route: counted under it
+    assert 'loupe_requests_total{endpoint="/v1/search",status="413"} 2.0' in metrics
+
+
+def test_admission_queues_briefly_then_sheds_with_retry_after():
+    """Two slots: a third request waits for one and gets it when it frees in time; past the
+    wait, or with the waiting line full, it is refused at once; the gauge counts holders."""
+    import time
+
+    metrics = Metrics()
+    gauge = metrics.in_flight
+
+    async def scenario():
+        admission = Admission(max_in_flight=2, max_wait_s=0.05, max_waiting=1, in_flight=gauge,
+                              shed=metrics.shed)
+        release = asyncio.Event()
+
+        async def hold():
+            async with admission.slot():
+                await release.wait()
+
+        async def enter():
+            async with admission.slot():
+                return time.perf_counter()
+
+        holders = [asyncio.create_task(hold()) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert gauge._value.get() == 2
+        t0 = time.perf_counter()
+        waiter = asyncio.create_task(enter())
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="1 requests already waiting"):
+            await enter()  # refused at once, while the line is full
+        assert time.perf_counter() - t0 < 0.04
+        with pytest.raises(Overloaded, match="no slot freed within 50 ms"):
+            await waiter
+        assert time.perf_counter() - t0 >= 0.05
+        late = asyncio.create_task(enter())  # this one waits while a slot frees
+        await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.gather(*holders)
+        assert await late - t0 < 0.05 + 0.06
+        assert gauge._value.get() == 0
+        return await asyncio.gather(*(enter() for _ in range(2)))  # both slots free again
+
+    assert len(run(scenario())) == 2
+    assert metrics.shed._value.get() == 2  # the one refused at once, the one that timed out
+    answer = run(answer_api_error(None, Overloaded("overloaded: test")))
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"

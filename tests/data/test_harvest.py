@@ -14,7 +14,6 @@ from data_contracts.constants import GRID_SIZE, RANKER_POLICY
 from data_contracts.validation import ContractViolation
 from pipelines.harvest import (
     HarvestConfig,
-    _decreasing_isotonic,
     estimate_propensity,
     harvest,
     propensity_mae,
@@ -30,11 +29,6 @@ def harvested(tiny_world, tmp_path_factory):
 
 def _pairs(res, kind="debiased"):
     return pd.read_parquet(res.out_dir / f"pairs_{kind}.parquet")
-
-
-def test_isotonic_hand_case():
-    got = _decreasing_isotonic(np.array([1.0, 0.5, 0.7, 0.2]), np.ones(4))
-    np.testing.assert_allclose(got, [1.0, 0.6, 0.6, 0.2])
 
 
 def test_propensity_recovered_on_tiny_world(harvested, tiny_world):

@@ -27,14 +27,19 @@ class TinyDetector:
     def register(self, tracking_uri: str) -> str:
         """Log the trained export with its measured metrics as a run of the detector
         experiment and register it (`loupe-detector/N`), as `loupe demo` does."""
+        import tempfile
+
+        from pipelines.mlflow_model import save_detector_model
         from pipelines.registry import RegistryConfig, log_run
         from pipelines.train_detector import register_detector
 
         metrics = {f"test_{k}" if k.startswith("map") else k: v
                    for k, v in self.metrics.items() if isinstance(v, int | float)}
-        run = log_run(RegistryConfig(tracking_uri, experiment="loupe-detector"),
-                      run_name="train-detector", params={}, metrics=metrics, artifacts={},
-                      model_files=sorted(self.export_dir.iterdir()))
+        with tempfile.TemporaryDirectory() as tmp:
+            run = log_run(RegistryConfig(tracking_uri, experiment="loupe-detector"),
+                          run_name="train-detector", params={}, metrics=metrics, artifacts={},
+                          mlflow_model=save_detector_model(self.export_dir,
+                                                           Path(tmp) / "model"))
         return register_detector(run.run_id, tracking_uri).model_version
 
 
@@ -76,7 +81,8 @@ def served(tiny_world, tiny_harvest, tiny_detector, tmp_path_factory):
     paths = prepare(tiny_world, base / "serve", base / "embedder_v1", MODEL_V1, detector_dir,
                     DETECTOR_V1, tiny_harvest)
     stack = ServingStack(paths.triton_repo, paths.index_root, tiny_world, paths.features,
-                         base / "run", ADMIN_TOKEN, replicas=2).start()
+                         base / "run", ADMIN_TOKEN, replicas=2,
+                         supervise=False).start()  # the tests kill and restart by hand
     try:
         yield Served(stack, paths, embedder, base / "embedder_v1", detector_dir, base)
     finally:

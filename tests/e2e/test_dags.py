@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from pipelines.ingest import ChangeFeed, FeedEvent, StreamingIndexer
+from pipelines.orchestration import CANARY_ASSET_URI, LIVE_ASSET_URI
 from pipelines.run_config import REPO_ROOT, LoupeConfig, resolve_config, slug
 from serving.shards import layout, pointer
 from serving.shards.store import ShardStore
@@ -75,6 +76,18 @@ def tries(dr, task_id: str) -> int:
 def xcom(dr, task_id: str):
     ti = dr.get_task_instances()[0]
     return ti.xcom_pull(task_ids=task_id, dag_id=dr.dag_id, run_id=dr.run_id)
+
+
+def asset_events(dr) -> dict[str, list[dict]]:
+    """The run's asset events (what its page lists): uri -> extras."""
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+
+    out: dict[str, list[dict]] = {}
+    with create_session() as session:
+        for e in session.query(AssetEvent).filter(AssetEvent.source_run_id == dr.run_id):
+            out.setdefault(e.uri, []).append(dict(e.extra))
+    return out
 
 
 def config(root: Path, world: Path, **extra) -> LoupeConfig:
@@ -294,6 +307,9 @@ def test_dry_run_builds_and_canaries_but_does_not_cut_over(dags, live, tiny_worl
     assert s["canary"] == "success" and s["cutover"] == s["smoke_query"] == "skipped"
     assert pointers(cfg) == before
     assert xcom(dr, "canary")["passed"] is True
+    events = asset_events(dr)
+    assert [e["passed"] for e in events[CANARY_ASSET_URI]] == [True]
+    assert LIVE_ASSET_URI not in events  # nothing went live
 
 
 def test_second_rollout_with_more_shards_then_rollback(dags, live, tiny_world, tmp_path):
@@ -305,6 +321,13 @@ def test_second_rollout_with_more_shards_then_rollback(dags, live, tiny_world, t
     assert states(dr)["build_shard"] == ["success"] * 3
     second = xcom(dr, "plan")["index_version"]
     assert pointers(cfg) == (second, first)
+    events = asset_events(dr)  # the run's page: the canary's verdict and what went live
+    [verdict] = events[CANARY_ASSET_URI]
+    assert verdict["passed"] is True and verdict["index_version"] == second
+    assert verdict["model_version"] == "attributes/1" and "thresholds" in verdict
+    [went_live] = events[LIVE_ASSET_URI]
+    assert went_live["action"] == "rollout" and went_live["index_version"] == second
+    assert went_live["model_version"] == "attributes/1"
     assert layout.read_manifest(layout.version_dir(cfg.index, second))["model_version"] == \
         "attributes/1"
 
@@ -312,6 +335,9 @@ def test_second_rollout_with_more_shards_then_rollback(dags, live, tiny_world, t
     assert dr.state == "success", states(dr)
     assert pointers(cfg) == (first, None)
     assert xcom(dr, "smoke_query")["model_version"] == MODEL
+    [went_live] = asset_events(dr)[LIVE_ASSET_URI]
+    assert went_live == {**went_live, "action": "rollback", "index_version": first,
+                         "model_version": MODEL, "rolled_back_from": second}
 
     dr = run(dags, "loupe_rollback", root, tiny_world)  # nothing left to roll back to
     assert dr.state == "failed" and tries(dr, "rollback") == 1

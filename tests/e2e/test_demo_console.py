@@ -88,6 +88,8 @@ def test_the_demo_console_is_progress_lines_then_the_banner(tmp_path):
     assert any(t.startswith("Serving loupe-embedder/2 (index ") for t in text), text
     assert text[-1] == BANNER_END
     assert any(t.startswith("  web demo               http://127.0.0.1:") for t in text)
+    # the Airflow UI the banner offers binds loopback, as every other entry point (security.md)
+    assert any("AIRFLOW__API__HOST=127.0.0.1 .venv/bin/airflow standalone" in t for t in text)
     noisy = [t for t in text if LIBRARY_NOISE.search(t)]
     assert not noisy, noisy
     assert len(text) <= 80, f"{len(text)} lines: more than two screens"

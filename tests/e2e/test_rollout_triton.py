@@ -146,7 +146,12 @@ def test_rollout_without_serving_exports_triton_and_moves_the_pointer(deployment
                         "triton_version": 1, "triton_repo": str(cfg.triton_repository)}
     assert repository.version_meta(cfg.triton_repository, 1) == {
         "model_version": "loupe-embedder/1", "detector_version": dep.detector}
-    assert "versions: [ 1 ]" in (cfg.triton_repository / "embedder" / "config.pbtxt").read_text()
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    served = text_format.Parse((cfg.triton_repository / "embedder" / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    assert list(served.version_policy.specific.versions) == [1]
     moved = _xcom(dep.first, "cutover")
     live = _xcom(dep.first, "plan")["index_version"]
     assert (moved["via"], moved["to"], moved["triton_versions"]) == ("pointer", live, [1])

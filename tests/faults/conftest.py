@@ -123,7 +123,8 @@ def fault_stack(tiny_world, tiny_harvest, tmp_path_factory):
     # a 1 s fan-out deadline: the faults here are dead processes, which fail fast; the
     # default 150 ms budget would turn a busy 2-core CI host's slow answers into partials
     stack = ServingStack(paths.triton_repo, paths.index_root, tiny_world, paths.features,
-                         base / "run", ADMIN_TOKEN, replicas=2, deadline_s=1.0).start()
+                         base / "run", ADMIN_TOKEN, replicas=2, deadline_s=1.0,
+                         supervise=False).start()  # kills are timed by hand; see test_self_healing
     try:
         yield FaultStack(stack, paths, tiny_world)
     finally:

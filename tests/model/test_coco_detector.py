@@ -100,3 +100,39 @@ def test_missing_weights_say_how_to_get_them(tmp_path):
 
     with pytest.raises(DetectorUnavailable, match=r"lacks .*frozen_inference_graph\.pb"):
         export_coco_detector(tmp_path / "out", graph_dir=tmp_path)
+
+
+def test_registered_detector_loads_as_an_mlflow_model_and_answers_like_the_export(
+        every_real_photo, tmp_path):
+    """register_coco_detector logs a pyfunc with a signature: `models:/loupe-detector/1`
+    loads with mlflow.pyfunc and finds what the export Triton serves finds, photo by photo."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from models.detector import load_detector
+    from pipelines.mlflow_model import DETECTION_COLUMNS
+    from pipelines.pretrained import register_coco_detector
+    from pipelines.registry import fetch_registered
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    version = register_coco_detector(uri)
+    assert version == "loupe-detector/1"
+    mlflow.set_registry_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model("models:/loupe-detector/1")
+    finally:
+        mlflow.set_registry_uri(None)
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["image"]
+    assert model.metadata.get_output_schema().input_names() == list(DETECTION_COLUMNS)
+    names = ["coffee.png", "horses.jpg"]
+    photos = [every_real_photo[n][0].read_bytes() for n in names]
+    got = model.predict(pd.DataFrame({"image": photos}))
+    served = load_detector(fetch_registered(uri, version, tmp_path / "models"))
+    images = [Image.open(every_real_photo[n][0]).convert("RGB") for n in names]
+    for i, det in enumerate(served.detect(images)):
+        rows = got[got["image"] == i]
+        assert len(rows) == len(det)
+        np.testing.assert_allclose(rows[["x0", "y0", "x1", "y1"]].to_numpy(),
+                                   det.boxes.numpy(), atol=1e-6)
+        assert rows["category"].tolist() == [served.categories[int(c)] for c in det.labels]
+    assert len(got[got["image"] == 0]) >= 1  # the coffee cup is found

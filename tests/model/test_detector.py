@@ -251,7 +251,10 @@ def test_train_writes_checkpoints_export_metrics_and_mlflow_run(trained, tiny_wo
     assert run.data.params["input_size"] == "128"
     assert "val_map50" in run.data.metrics and "train_loss" in run.data.metrics
     logged = {a.path for a in client.list_artifacts(result.run_id, "model")}
-    assert logged == {"model/detector.onnx", "model/detector.json"}
+    assert {"model/MLmodel", "model/artifacts", "model/input_example.json"} <= logged
+    exported = {a.path for a in client.list_artifacts(result.run_id, "model/artifacts/export")}
+    assert exported == {"model/artifacts/export/detector.onnx",
+                        "model/artifacts/export/detector.json"}
 
     ref = register_detector(result.run_id, cfg.tracking_uri)
     assert ref.model_version == "loupe-detector/1"

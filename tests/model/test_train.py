@@ -264,3 +264,56 @@ def test_selection_without_validation_pairs_says_so(tiny_world, tiny_harvest, ca
     assert res.metrics["n_pairs_val"] == 0
     assert "no validation pairs" in res.metrics["selection_note"]
     assert res.metrics["best_epoch"] in (0, 1)
+
+
+def test_training_is_its_own_mlflow_run_linked_to_its_evaluation(tiny_world, tiny_harvest,
+                                                                   cache_dir, tmp_path):
+    """run_train: per-epoch loss, validation and rater-probe curves via MLFlowLogger, system
+    metrics, dataset inputs with digests; a resumed training reopens the same run; the
+    evaluation run and the training run point at each other."""
+    from mlflow import MlflowClient
+
+    from pipelines import evaluate as ev
+    from pipelines.registry import file_digest
+    from pipelines.train import PROBE_METRIC, run_train
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    base = {**FAST, "patience": 100}
+    out = tmp_path / "run"
+    first = run_train(TrainConfig(**base, max_epochs=2), tiny_world, _pairs(tiny_harvest), out,
+                      cache_dir=cache_dir, tracking_uri=uri, system_metrics_interval_s=0.2)
+    done = run_train(TrainConfig(**base, max_epochs=3), tiny_world, _pairs(tiny_harvest), out,
+                     cache_dir=cache_dir, tracking_uri=uri, resume=True,
+                     system_metrics_interval_s=0.2)
+    run_id = done.metrics["mlflow_run_id"]
+    assert run_id == first.metrics["mlflow_run_id"]  # the retry continued its run
+    assert json.loads((out / "train.json").read_text())["mlflow_run_id"] == run_id
+    client = MlflowClient(uri, uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["loupe.stage"] == "train"
+    assert run.data.params["train.max_epochs"] == "2"  # params are the first attempt's
+    for name in ("train_loss_epoch", "val_style_recall_at_10", PROBE_METRIC):
+        history = client.get_metric_history(run_id, name)
+        assert len(history) == 3, name  # one point per epoch, across the resume
+    curve_probe = [row[PROBE_METRIC] for row in done.metrics["curve"]]
+    assert len(curve_probe) == 3 and all(0.0 < v <= 1.0 for v in curve_probe)
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
+    assert any(k.startswith("system/system_memory_usage") for k in run.data.metrics)
+    inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert inputs == {"training_pairs": file_digest(_pairs(tiny_harvest)),
+                      "catalog": file_digest(tiny_world / "tables/catalog.parquet")}
+    assert "train.json" in {a.path for a in client.list_artifacts(run_id)}
+    # the probe is a real rater number: the exported model scores the same rater queries
+    # against the whole catalog no higher than against the probe's smaller gallery
+    full = ev.evaluate_models({"model": ev.embed_fn_from_export(done.export_dir, tiny_world)},
+                              tiny_world, [ev.load_rater_set(tiny_world)]).headline
+    assert full <= done.metrics["final_probe_rater_recall_at_10"] + 1e-6
+    evaluated = ev.run_evaluate(ev.EvaluateConfig(), tiny_world, done.export_dir, {},
+                                tmp_path / "eval", train_json=out / "train.json",
+                                tracking_uri=uri)
+    eval_run = client.get_run(evaluated.published.run_id)
+    assert eval_run.data.tags["training_run_id"] == run_id
+    linked = client.get_run(run_id).data.tags
+    assert linked["evaluation_run_id"] == eval_run.info.run_id
+    assert linked["model_version"] == evaluated.published.model_version
+    assert evaluated.report.headline == pytest.approx(full)
