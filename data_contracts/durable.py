@@ -6,6 +6,7 @@ crash, a full disk or a kill -9 mid-write leaves what was already stored intact.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -30,6 +31,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding `path`."""
+    st = os.statvfs(path if Path(path).is_dir() else Path(path).parent)
+    return st.f_bavail * st.f_frsize
+
+
+def disk_full(path: Path, detail: str = "") -> OSError:
+    """ENOSPC as an error that names the file, the space left and what to do."""
+    path = Path(path)
+    return OSError(errno.ENOSPC, f"the disk is full ({free_bytes(path.parent)} bytes free) "
+                   f"while writing {path.name}: nothing already stored was replaced; free "
+                   f"space and run again{f' ({detail})' if detail else ''}", str(path))
+
+
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
     """Call `write(tmp)` on a temp sibling of `path`, fsync it, then rename it over `path`."""
     path = Path(path)
@@ -41,6 +56,11 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno != errno.ENOSPC:
+            raise
+        raise disk_full(path, str(err)) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -85,6 +85,21 @@ class Fanout:
         self.topology, self.client = topology, client
         self.tracker = tracker or LatencyTracker()
         self.hedge = hedge
+        self._background: set[asyncio.Task] = set()
+
+    def _let_finish(self, tasks) -> None:
+        """Leave a hedge's loser or a shard past the deadline to finish in the background
+        instead of cancelling it: a cancelled httpx request can strand its pool connection
+        and socket (encode/httpcore#1093; the soak saw the API's fds grow ~5 a minute). The
+        client's timeout bounds how long it runs; its result is dropped."""
+        for task in tasks:
+            self._background.add(task)
+            task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed straggler is expected, not a log line
 
     async def _ask(self, url: str, shard_id: int, payload: dict, hedged: bool) -> ShardAnswer:
         t0 = time.perf_counter()
@@ -133,8 +148,7 @@ class Fanout:
                     launch(True)
             raise ConnectionError(f"shard {shard_id}: every replica failed: {errors}")
         finally:
-            for task in pending:
-                task.cancel()
+            self._let_finish(pending)
 
     async def search(self, vector: list[float], k: int, deadline_s: float,
                      expect_model_version: str | None = None, filters: dict | None = None
@@ -144,8 +158,7 @@ class Fanout:
         shard_ids = sorted(self.topology.replicas)
         tasks = {asyncio.create_task(self._one_shard(s, payload)): s for s in shard_ids}
         done, late = await asyncio.wait(tasks, timeout=deadline_s)
-        for task in late:
-            task.cancel()
+        self._let_finish(late)
         answers, hedges, missing = [], 0, [tasks[t] for t in late]
         for task in done:
             if task.exception() is not None:

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data_contracts.durable import disk_full, free_bytes
+
 UPSERT, DELETE = "upsert", "delete"
+LOW_DISK_BYTES = 1 << 20  # an append failing with less free than this is a full disk
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS delta (
@@ -56,9 +59,13 @@ class DeltaLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
                                    check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss
+            self._db.executescript(_SCHEMA)
+        except sqlite3.OperationalError as err:  # opening creates the -wal and -shm files
+            self._db.close()
+            raise self._explained(err) from err
 
     def close(self) -> None:
         self._db.close()
@@ -91,10 +98,22 @@ class DeltaLog:
                        "ON CONFLICT(consumer) DO UPDATE SET feed_offset = excluded.feed_offset",
                        (consumer, checkpoint))
             db.execute("COMMIT")
+        except sqlite3.OperationalError as err:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise self._explained(err) from err
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         return len(payload)
+
+    def _explained(self, err: sqlite3.OperationalError) -> Exception:
+        """SQLite reports a full disk under WAL as a "disk I/O error": say what it is."""
+        if free_bytes(self.path.parent) >= LOW_DISK_BYTES:
+            return err
+        return disk_full(self.path, f"nothing was appended and no checkpoint moved; SQLite: "
+                                    f"{err}")
 
     def rows_after(self, seq: int, upto: int | None = None) -> list[DeltaRow]:
         """Rows with `seq` < row.seq <= `upto` (no upper bound when None), in order."""

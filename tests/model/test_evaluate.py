@@ -6,6 +6,7 @@ cluster directions), so every expected number follows from the truth tables.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -318,7 +319,7 @@ def test_report_leads_with_the_verdict_and_shows_what_a_reviewer_decides_with(
 
 
 def test_publish_logs_metrics_artifacts_and_registers_the_model(tiny_world, truth, exports,
-                                                                 tmp_path, monkeypatch):
+                                                                 tmp_path):
     from mlflow import MlflowClient
 
     from pipelines import registry as reg
@@ -349,10 +350,14 @@ def test_publish_logs_metrics_artifacts_and_registers_the_model(tiny_world, trut
             "report/eval_report.html", "report/eval_summary.json", "report/per_query.csv",
             "per_query_rater.json", "model/MLmodel",
             "model/artifacts", "model/input_example.json", "promotion/decision.json"} <= listed
-    # load_table searches runs through the fluent store, which reads the environment (not
-    # mlflow.set_tracking_uri: resetting that to None unsets the variable for the process)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.uri)
-    table = client.load_table(run.info.experiment_id, "per_query_rater.json", [out.run_id])
+    # a table MLflow knows (what `load_table` finds by this tag), read through this client:
+    # load_table itself goes through the process-global fluent store, and setting that
+    # (mlflow.set_tracking_uri) leaks into every later test
+    assert {"path": "per_query_rater.json", "type": "table"} in json.loads(
+        run.data.tags["mlflow.loggedArtifacts"])
+    raw = json.loads(Path(client.download_artifacts(out.run_id, "per_query_rater.json",
+                                                    str(tmp_path))).read_text())
+    table = pd.DataFrame(raw["data"], columns=raw["columns"])
     assert len(table) == len(sets[0].query_ids) and {"query_id", "category", "model_recall_at_10",
                                  "delta_vs_frozen_pretrained"} <= set(table.columns)
     assert run.data.tags["gate.verdict"] == "promote"  # no champion yet
