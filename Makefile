@@ -54,6 +54,12 @@ test-fast: lint
 bench: venv
 	nice -n 10 $(PY) bench/run.py $(BENCH_ARGS)
 
+# the real stack for SOAK_MINUTES under traffic, a growing feed, replica kills, a rollout, a
+# rollback and a compaction -> reports/soak.json + soak.png (exit 1 when an invariant fails)
+SOAK_MINUTES ?= 20
+soak: venv
+	$(PY) bench/soak.py --minutes $(SOAK_MINUTES)
+
 # the seed study as DVC experiments: one queued `dvc exp run evaluate -S train.seed=N` per seed, run
 # one at a time (two cores), summarised from `dvc exp show` -> reports/seed_study.json
 SEEDS ?= 0 1 2
