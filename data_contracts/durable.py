@@ -94,6 +94,12 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # FAISS's C++ writers raise RuntimeError and report errno only in the message
+        if getattr(err, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(err):
+            raise disk_full(out, str(err)) from err
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -86,9 +86,9 @@ def register_frozen_embedder(tracking_uri: str | None = None, alias: str | None 
                              {HEADLINE: repr(float("nan")), FINGERPRINT: BOOTSTRAP_FINGERPRINT,
                               "bootstrap": "true"},
                              description="Loupe image embedder (256-d, L2-normalised); "
-                                         "aliases: challenger = newest, champion = serving")
+                                         "aliases: challenger = newest, champion = serving",
+                             aliases=(alias,) if alias else ())
         if alias:
-            client.set_registered_model_alias(ref.name, alias, ref.version)
             client.set_model_version_tag(ref.name, ref.version, "promotion_decision",
                                          "promoted")
             client.set_model_version_tag(ref.name, ref.version, "promotion_reason",

@@ -11,6 +11,13 @@ configured margin, on the same catalog and rater judgments (same eval fingerprin
 decision and its reason land on the challenger's run (tags + `promotion/decision.json`) and
 on the model version (tags).
 
+Nothing is left half-registered by an outage: a version is created tagged
+`loupe.registration=pending` and marked `complete` only after its tags and alias are
+written, and a promotion is recorded `promoting` before `champion` moves. The next
+registration or gate first settles what an interrupted one left (`settle_interrupted`).
+An unreachable store is a `RegistryUnavailable` (transient: the Airflow task retries), never
+a "not registered" bad-input error.
+
 Tracking URI: explicit argument, else $MLFLOW_TRACKING_URI, else `sqlite:///<repo>/mlflow.db`
 with artifacts under `<repo>/mlruns/` (next to any sqlite file, artifacts go to `mlruns/`
 beside it). The registry needs a database-backed store. Browse it with `loupe mlflow-ui`,
@@ -20,6 +27,7 @@ file://<repo>/mlruns --host 127.0.0.1 --port 5000`.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -27,15 +35,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACKING_URI = f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 EXPERIMENT = "loupe-embedder"
@@ -44,6 +53,10 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 HEADLINE = "rater_recall_at_10"
 FINGERPRINT = "eval_fingerprint"
+REGISTRATION = "loupe.registration"  # PENDING from creation until tags + aliases are written
+PENDING, COMPLETE = "pending", "complete"
+DECISION = "promotion_decision"  # PROMOTING is written before `champion` moves
+PROMOTING = "promoting"
 MODEL_ARTIFACT_DIR = "model"
 DETECTOR_MODEL = "loupe-detector"  # pipelines/train_detector.py registers it
 ATTRIBUTE_MODEL_PREFIX = "attributes/"  # model-free clustered vectors (pipelines/embed.py)
@@ -94,6 +107,61 @@ def _client(cfg: RegistryConfig):
     return MlflowClient(tracking_uri=cfg.uri, registry_uri=cfg.uri)
 
 
+class RegistryUnavailable(RuntimeError):
+    """MLflow's tracking server or store did not answer (after the client's own retries).
+    Transient, unlike a bad-input error: the task fails and Airflow retries it."""
+
+
+def store_unreachable(err: BaseException) -> bool:
+    """Whether `err` is MLflow failing to reach its store (a refused or timed-out HTTP
+    request, a database that cannot be opened) rather than the store answering no."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, ConnectionError | TimeoutError):
+        return True
+    return isinstance(err, MlflowException) and (
+        err.error_code == "TEMPORARILY_UNAVAILABLE"  # the SQL store's OperationalError
+        or str(err.message).startswith("API request to "))  # the REST client, after retries
+
+
+@contextmanager
+def reachable(uri: str, doing: str) -> Iterator[None]:
+    """Run MLflow calls, turning an unreachable store into RegistryUnavailable that names
+    the store, what was being done and what to do."""
+    try:
+        yield
+    except Exception as err:
+        if not store_unreachable(err):
+            raise
+        cause = str(getattr(err, "message", err)).splitlines()[0][:300]
+        raise RegistryUnavailable(
+            f"MLflow at {uri} did not answer while {doing}: {cause}. Nothing is left "
+            "half-registered (the next registration settles an interrupted one); start or "
+            "fix the tracking server and retry (Airflow retries the task by itself)") from err
+
+
+def needs_store(doing: str) -> Callable[[F], F]:
+    """`reachable` around a function whose first argument is its RegistryConfig."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def call(cfg: RegistryConfig, *args: Any, **kwargs: Any) -> Any:
+            with reachable(cfg.uri, doing):
+                return fn(cfg, *args, **kwargs)
+        return call  # type: ignore[return-value]
+    return wrap
+
+
+def end_run(client, run_id: str, status: str) -> None:
+    """Mark a run ended; when the store is what failed, say so instead of masking the
+    error that ended the run with a second one."""
+    try:
+        client.set_terminated(run_id, status=status)
+    except Exception as err:  # noqa: BLE001 - best effort after the run's own failure
+        if not store_unreachable(err):
+            raise
+        log.warning("run %s could not be marked %s: the store did not answer", run_id, status)
+
+
 def _experiment_id(client, cfg: RegistryConfig) -> str:
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
@@ -109,6 +177,7 @@ class LoggedRun:
     artifact_uri: str
 
 
+@needs_store("logging a run")
 def log_run(cfg: RegistryConfig, *, run_name: str, params: Mapping[str, Any],
             metrics: Mapping[str, float], artifacts: Mapping[str, Sequence[Path]],
             model_files: Sequence[Path] = (), tags: Mapping[str, str] | None = None,
@@ -163,7 +232,7 @@ def log_run(cfg: RegistryConfig, *, run_name: str, params: Mapping[str, Any],
             else:
                 client.log_artifact(run_id, str(p), artifact_path=MODEL_ARTIFACT_DIR)
     except BaseException:
-        client.set_terminated(run_id, status="FAILED")
+        end_run(client, run_id, "FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
     return LoggedRun(run_id, run.info.experiment_id, run.info.artifact_uri)
@@ -201,7 +270,7 @@ def tracked_run(cfg: RegistryConfig, *, run_name: str, params: Mapping[str, Any]
         yield run_id
     except BaseException:
         monitor.finish()
-        client.set_terminated(run_id, status="FAILED")
+        end_run(client, run_id, "FAILED")
         raise
     monitor.finish()
     client.set_terminated(run_id, status="FINISHED")
@@ -270,6 +339,7 @@ class ModelVersionRef:
         return f"models:/{self.name}/{self.version}"
 
 
+@needs_store("registering a model version")
 def register_model_version(cfg: RegistryConfig, run: LoggedRun, recall_at_10: float,
                            fingerprint: str) -> ModelVersionRef:
     """Register the run's `model/` files as a new version and point `challenger` at it."""
@@ -278,32 +348,76 @@ def register_model_version(cfg: RegistryConfig, run: LoggedRun, recall_at_10: fl
     if not names:
         raise ValueError(f"run {run.run_id} has no exported model files under "
                          f"'{MODEL_ARTIFACT_DIR}/'; nothing to register")
-    ref = create_version(client, cfg.model_name, run.run_id, run.artifact_uri,
-                         {HEADLINE: repr(float(recall_at_10)), FINGERPRINT: fingerprint},
-                         description="Loupe image embedder (256-d, L2-normalised); aliases: "
-                                     "challenger = newest, champion = serving")
-    client.set_registered_model_alias(ref.name, CHALLENGER, ref.version)
-    return ref
+    return create_version(client, cfg.model_name, run.run_id, run.artifact_uri,
+                          {HEADLINE: repr(float(recall_at_10)), FINGERPRINT: fingerprint},
+                          description="Loupe image embedder (256-d, L2-normalised); aliases: "
+                                      "challenger = newest, champion = serving",
+                          aliases=(CHALLENGER,))
 
 
 def create_version(client, name: str, run_id: str, artifact_uri: str, tags: dict[str, str],
-                   description: str) -> ModelVersionRef:
+                   description: str, aliases: Sequence[str] = ()) -> ModelVersionRef:
     """A new version of `name` (created on first use) whose files are the run's `model/`
-    artifacts, its `name/N` string tagged on the version and the run: the one registration
-    scheme of the embedder and the detector, which `download_model` reads back."""
+    artifacts, its `name/N` string tagged on the version and the run, `aliases` pointed at
+    it: the one registration scheme of the embedder and the detector, which `download_model`
+    reads back. Pending until all of that is written, so an outage mid-way leaves a version
+    the next registration removes, never one that looks registered."""
     from mlflow.exceptions import MlflowException
 
+    settle_interrupted(client, name)
     try:
         client.create_registered_model(name, description=description)
     except MlflowException as err:
         if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
     mv = client.create_model_version(name, source=f"{artifact_uri}/{MODEL_ARTIFACT_DIR}",
-                                     run_id=run_id, tags=tags)
+                                     run_id=run_id, tags={**tags, REGISTRATION: PENDING})
     ref = ModelVersionRef(name, str(mv.version))
     client.set_model_version_tag(ref.name, ref.version, "model_version", ref.model_version)
     client.set_tag(run_id, "model_version", ref.model_version)
+    for alias in aliases:
+        client.set_registered_model_alias(ref.name, alias, ref.version)
+    client.set_model_version_tag(ref.name, ref.version, REGISTRATION, COMPLETE)
     return ref
+
+
+def half_registered(client, name: str) -> list[str]:
+    """Versions an interrupted registration or promotion left: registration still pending,
+    or a promotion recorded as `promoting`."""
+    return sorted((mv.version for mv in client.search_model_versions(f"name='{name}'")
+                   if mv.tags.get(REGISTRATION) == PENDING
+                   or mv.tags.get(DECISION) == PROMOTING), key=int)
+
+
+def settle_interrupted(client, name: str) -> list[str]:
+    """Finish what an interrupted registration or promotion left, before a new one starts:
+    a pending version is deleted (its run and files stay; the retry registers anew), a
+    `promoting` version becomes `promoted` if `champion` did move to it, else `rejected`.
+    Returns what it settled, each also logged as a warning."""
+    from mlflow.exceptions import MlflowException
+
+    settled = []
+    for version in half_registered(client, name):
+        mv = client.get_model_version(name, version)
+        if mv.tags.get(REGISTRATION) == PENDING:
+            client.delete_model_version(name, version)
+            what = "registration interrupted: version deleted (its run and files are kept)"
+        else:
+            try:
+                champion = client.get_model_version_by_alias(name, CHAMPION).version
+            except MlflowException:
+                champion = None
+            moved = str(champion) == str(version)
+            client.set_model_version_tag(name, version, DECISION,
+                                         "promoted" if moved else "rejected")
+            if not moved:
+                client.set_model_version_tag(
+                    name, version, "promotion_reason", f"promotion interrupted before "
+                    f"`{CHAMPION}` moved (the store did not answer); run the gate again")
+            what = f"promotion interrupted: recorded as {'promoted' if moved else 'rejected'}"
+        log.warning("%s/%s: %s", name, version, what)
+        settled.append(f"{name}/{version}: {what}")
+    return settled
 
 
 def parse_model_version(model_version: str) -> ModelVersionRef:
@@ -320,14 +434,18 @@ def download_model(cfg: RegistryConfig, model_version: str, dst: Path) -> Path:
     (inside the MLflow model, for an embedder) is what is returned."""
     from mlflow.artifacts import download_artifacts
 
-    ref = parse_model_version(model_version)
-    client = _client(cfg)
-    client.get_model_version(ref.name, ref.version)  # a clear MlflowException if unknown
-    uri = client.get_model_version_download_uri(ref.name, ref.version)
-    Path(dst).mkdir(parents=True, exist_ok=True)
     from pipelines.mlflow_model import export_dir_of
 
-    return export_dir_of(Path(download_artifacts(artifact_uri=uri, dst_path=str(dst))))
+    ref = parse_model_version(model_version)
+    client = _client(cfg)
+    with reachable(cfg.uri, f"fetching {model_version}"):
+        mv = client.get_model_version(ref.name, ref.version)  # clear MlflowException if unknown
+        if mv.tags.get(REGISTRATION) == PENDING:
+            raise ValueError(f"{model_version} is not fully registered (an interrupted "
+                             "registration); serve a complete version")
+        uri = client.get_model_version_download_uri(ref.name, ref.version)
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        return export_dir_of(Path(download_artifacts(artifact_uri=uri, dst_path=str(dst))))
 
 
 def version_for_alias(cfg: RegistryConfig, alias: str) -> ModelVersionRef | None:
@@ -335,7 +453,8 @@ def version_for_alias(cfg: RegistryConfig, alias: str) -> ModelVersionRef | None
     from mlflow.exceptions import MlflowException
 
     try:
-        mv = _client(cfg).get_model_version_by_alias(cfg.model_name, alias)
+        with reachable(cfg.uri, f"looking up alias {alias!r}"):
+            mv = _client(cfg).get_model_version_by_alias(cfg.model_name, alias)
     except MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
@@ -376,8 +495,9 @@ def resolve_model(spec: str, tracking_uri: str, promoted_version: str | None = N
     from mlflow.exceptions import MlflowException
 
     try:
-        MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).get_model_version(
-            ref.name, ref.version)
+        with reachable(tracking_uri, f"looking up {spec}"):
+            MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri
+                         ).get_model_version(ref.name, ref.version)
     except MlflowException as err:
         raise ValueError(f"model version {spec} is not registered in {tracking_uri}: "
                          f"{err.message}") from err
@@ -429,13 +549,16 @@ def resolve_detector(spec: str | None, tracking_uri: str) -> str:
             raise ValueError(f"detector must be a version of {DETECTOR_MODEL!r} "
                              f"('{DETECTOR_MODEL}/N'), got {spec!r}")
         try:
-            client.get_model_version(ref.name, ref.version)
+            with reachable(tracking_uri, f"looking up {ref.model_version}"):
+                client.get_model_version(ref.name, ref.version)
         except MlflowException as err:
             raise ValueError(f"detector {ref.model_version} is not registered in "
                              f"{tracking_uri}: {err.message}") from err
         return ref.model_version
-    versions = [int(mv.version) for mv in
-                client.search_model_versions(f"name='{DETECTOR_MODEL}'")]
+    with reachable(tracking_uri, f"listing {DETECTOR_MODEL} versions"):
+        versions = [int(mv.version) for mv in
+                    client.search_model_versions(f"name='{DETECTOR_MODEL}'")
+                    if mv.tags.get(REGISTRATION) != PENDING]
     if not versions:
         raise ValueError(f"no {DETECTOR_MODEL} version is registered in {tracking_uri}, and "
                          "Triton serves the detector beside the embedder: train one "
@@ -478,6 +601,7 @@ def decide_promotion(challenger_recall: float, champion_recall: float | None, ma
         f"{champion_recall:.4f}: gain {gain:+.4f} {verdict} the margin {margin:.4f}")
 
 
+@needs_store("running the promotion gate")
 def promotion_gate(cfg: RegistryConfig, version: str | ModelVersionRef,
                    champion_recall: float | None = None, measured_champion: str | None = None,
                    note: str | None = None) -> PromotionDecision:
@@ -492,7 +616,11 @@ def promotion_gate(cfg: RegistryConfig, version: str | ModelVersionRef,
     ref = version if isinstance(version, ModelVersionRef) else ModelVersionRef(
         cfg.model_name, str(version))
     client = _client(cfg)
+    settle_interrupted(client, ref.name)
     mv = client.get_model_version(ref.name, ref.version)
+    if mv.tags.get(REGISTRATION) == PENDING:
+        raise ValueError(f"{ref.model_version} is not fully registered (an interrupted "
+                         "registration); register the run again")
     challenger_recall = float(_recorded(mv, HEADLINE))
     champ = version_for_alias(cfg, CHAMPION)
     if champ is not None and champ.version == ref.version:
@@ -526,28 +654,32 @@ def promotion_gate(cfg: RegistryConfig, version: str | ModelVersionRef,
         promoted, reason, ref.model_version, challenger_recall,
         None if champ is None else champ.model_version, champ_recall, cfg.promotion_margin,
         datetime.now(UTC).isoformat(timespec="seconds"), note)
-    if promoted:
+    if champ is not None and champ.version == ref.version:
+        return decision  # decided when it was promoted; that record stands
+    if promoted:  # `promoting` first: an outage before the end leaves a settleable record
+        client.set_model_version_tag(mv.name, mv.version, DECISION, PROMOTING)
         client.set_registered_model_alias(ref.name, CHAMPION, ref.version)
     _record_decision(client, mv, decision)
     return decision
 
 
 def _record_decision(client, mv, decision: PromotionDecision) -> None:
+    """The decision on the run (tags + `promotion/decision.json`), then on the version, whose
+    outcome tag is written last: it is what `half_registered` checks."""
     outcome = "promoted" if decision.promoted else "rejected"
-    client.set_model_version_tag(mv.name, mv.version, "promotion_decision", outcome)
+    if mv.run_id:
+        client.set_tag(mv.run_id, "promotion.decision", outcome)
+        client.set_tag(mv.run_id, "promotion.reason", decision.reason)
+        if decision.note:
+            client.set_tag(mv.run_id, "promotion.note", decision.note)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "decision.json"
+            path.write_text(json.dumps(asdict(decision), indent=1))
+            client.log_artifact(mv.run_id, str(path), artifact_path="promotion")
     client.set_model_version_tag(mv.name, mv.version, "promotion_reason", decision.reason)
     if decision.note:
         client.set_model_version_tag(mv.name, mv.version, "promotion_note", decision.note)
-    if not mv.run_id:
-        return
-    client.set_tag(mv.run_id, "promotion.decision", outcome)
-    client.set_tag(mv.run_id, "promotion.reason", decision.reason)
-    if decision.note:
-        client.set_tag(mv.run_id, "promotion.note", decision.note)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "decision.json"
-        path.write_text(json.dumps(asdict(decision), indent=1))
-        client.log_artifact(mv.run_id, str(path), artifact_path="promotion")
+    client.set_model_version_tag(mv.name, mv.version, DECISION, outcome)
 
 
 # --------------------------------------------------------------------------- UI + CLI

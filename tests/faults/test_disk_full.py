@@ -1,5 +1,5 @@
-"""The disk fills under the Loupe root (a real 2 MiB tmpfs): a rollout's re-embed and the
-streaming indexer's delta append fail with ENOSPC naming the file and the space left (SQLite's
+"""The disk fills under the Loupe root (a real 2 MiB tmpfs): a rollout's re-embed, its shard
+build (FAISS's own writer) and the streaming indexer's delta append fail with ENOSPC naming the file and the space left (SQLite's
 "disk I/O error" explained), the live version and the delta log stay intact, and the same
 calls complete once space is freed (the rollout resumes its run)."""
 
@@ -14,7 +14,12 @@ import pandas as pd
 import pytest
 
 from pipelines.ingest import ChangeFeed, FeedEvent, ingest_micro_batch
-from pipelines.rollout import rollout_local
+from pipelines.rollout import (
+    build_shard_once,
+    embed_partition,
+    plan_rollout,
+    rollout_local,
+)
 from pipelines.run_config import resolve_config
 from serving.shards import ShardIndex, layout, pointer
 from serving.shards.delta import DeltaLog
@@ -103,3 +108,34 @@ def test_disk_full_during_a_reembed_and_a_delta_append_loses_nothing(tiny_world,
     delta.close()
     feed.close()
     assert _live_intact(cfg)
+
+
+def test_disk_full_during_a_shard_build_keeps_the_live_version_and_resumes(
+        tiny_world, tmp_path, small_disk, counts):
+    cfg = resolve_config({"loupe_root": str(small_disk), "world_root": str(tiny_world)}, {}, {})
+    counts.tried("index root on a 2 MiB tmpfs: roll out attributes/0; re-embed attributes/1, "
+                 "fill the disk, build its shards; free space; the same rollout again")
+    first = rollout_local(cfg, "attributes/0", RUN_AFTER)["plan"]["index_version"]
+    later = RUN_AFTER + timedelta(hours=1)
+    run_dir = cfg.runs / "rollout_local" / "second"
+    plan = plan_rollout(cfg, run_dir, "attributes/1", later, None, None)
+    for p in plan["partitions"]:
+        embed_partition(cfg, "attributes/1", plan["treatment"], plan["embeddings_dir"], p)
+    filler = _fill(small_disk, "filler", 4 * 1024)
+    with pytest.raises(OSError) as build:
+        for s in plan["shards"]:
+            build_shard_once(cfg, plan["embeddings_dir"], plan["version_dir"], s,
+                             plan["n_shards"])
+    filler.unlink()
+    live_intact = pointer.read(cfg.index) == first and _live_intact(cfg)
+    counts.add(disk_full_shard_build_live_intact=live_intact)
+    assert build.value.errno == errno.ENOSPC and "the disk is full" in str(build.value)
+    assert build.value.filename.startswith(plan["version_dir"])  # names the shard it built
+    assert not list(small_disk.rglob("*.tmp"))  # no half-written shard left behind
+    assert live_intact
+
+    second = rollout_local(cfg, "attributes/1", later, run_dir=run_dir)
+    assert pointer.read(cfg.index) == second["plan"]["index_version"] == plan["index_version"]
+    assert _live_intact(cfg)
+    assert sum(s["count"] for s in second["build_shard"]) == len(pd.read_parquet(
+        tiny_world / "tables" / "catalog.parquet"))
