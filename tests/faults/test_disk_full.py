@@ -1,7 +1,8 @@
 """The disk fills under the Loupe root (a real 2 MiB tmpfs): a rollout's re-embed, its shard
-build (FAISS's own writer) and the streaming indexer's delta append fail with ENOSPC naming the file and the space left (SQLite's
-"disk I/O error" explained), the live version and the delta log stay intact, and the same
-calls complete once space is freed (the rollout resumes its run)."""
+build (FAISS's own writer) and the streaming indexer's delta append fail with ENOSPC naming
+the file and the space left (SQLite's "disk I/O error" explained), the live version and the
+delta log stay intact, and the same calls complete once space is freed (the rollout resumes
+its run)."""
 
 from __future__ import annotations
 
