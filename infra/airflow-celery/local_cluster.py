@@ -16,6 +16,10 @@ with a message saying what to start.
     python infra/airflow-celery/local_cluster.py run --workers 2 --dag loupe_model_rollout \
         --conf '{"model": "attributes/0", "loupe_root": "/tmp/x", "world_root": "data/tiny"}'
 
+`restart_exited=True` restarts a component that exits (the scheduler and dag-processor exit
+when the metadata DB goes away), as docker-compose's `restart: unless-stopped` does;
+`redis_port` points the cluster at a broker of the caller's own (the restart fault test).
+
 This module never imports Airflow (a caller such as pytest may have Airflow configured for
 another metadata DB); it talks to the metadata DB with plain SQL.
 """
@@ -173,10 +177,14 @@ class LocalCeleryCluster:
     gpu_concurrency: int = 1
     workdir: Path | None = None
     redis_db: int = REDIS_DB
+    redis_port: int = REDIS_PORT  # another port: a broker of the caller's own (fault tests)
     keep_db: bool = False
+    # restart a component that exits, as docker-compose's `restart: unless-stopped` does
+    restart_exited: bool = False
     run_tag: str = field(default_factory=lambda: secrets.token_hex(4))
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per start-up phase
+    restarts: list[str] = field(default_factory=list)  # components restarted, in order
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.concurrency < 1 or self.gpu_workers < 0:
@@ -189,6 +197,7 @@ class LocalCeleryCluster:
         self.home = self.workdir / "airflow_home"
         self.logs = self.workdir / "logs"
         self.dags_folder = self.workdir / "dags"
+        self._args: dict[str, tuple[str, ...]] = {}
 
     @property
     def dsn(self) -> str:
@@ -206,7 +215,8 @@ class LocalCeleryCluster:
             "AIRFLOW__API__BASE_URL": api,
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN":
                 f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{self.db}",
-            "AIRFLOW__CELERY__BROKER_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{self.redis_db}",
+            "AIRFLOW__CELERY__BROKER_URL": f"redis://{REDIS_HOST}:{self.redis_port}/"
+                                           f"{self.redis_db}",
             "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{self.dsn}",
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(self.concurrency),
             "AIRFLOW__OPERATORS__DEFAULT_QUEUE": self.queue,
@@ -235,8 +245,9 @@ class LocalCeleryCluster:
     def start(self, timeout_s: float = 180) -> LocalCeleryCluster:
         t0 = time.monotonic()
         ensure_postgres()
-        ensure_redis()
-        redis.Redis(REDIS_HOST, REDIS_PORT, db=self.redis_db).ping()
+        if self.redis_port == REDIS_PORT:
+            ensure_redis()
+        redis.Redis(REDIS_HOST, self.redis_port, db=self.redis_db).ping()
         drop_stale_databases()
         _admin_sql(f'CREATE DATABASE "{self.db}"')
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -286,7 +297,7 @@ class LocalCeleryCluster:
                 proc.wait()
         self.procs.clear()
         try:
-            r = redis.Redis(REDIS_HOST, REDIS_PORT, db=self.redis_db)
+            r = redis.Redis(REDIS_HOST, self.redis_port, db=self.redis_db)
             keys = list(r.scan_iter(f"*{self.queue}*"))  # the gpu queue's name contains it
             if keys:
                 r.delete(*keys)
@@ -305,7 +316,8 @@ class LocalCeleryCluster:
         return out.stdout
 
     def _spawn(self, name: str, *args: str) -> None:
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
+        self._args[name] = args
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
         self.procs[name] = subprocess.Popen(
             [str(Path(sys.executable).parent / "airflow"), *args], env=self._env,
             stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True,
@@ -313,10 +325,16 @@ class LocalCeleryCluster:
         log.close()
 
     def _check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                tail = (self.logs / f"{name}.log").read_text(errors="replace")[-3000:]
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is None:
+                continue
+            tail = (self.logs / f"{name}.log").read_text(errors="replace")[-3000:]
+            if not self.restart_exited:
                 raise ClusterError(f"{name} exited with {proc.returncode}:\n{tail}")
+            self.restarts.append(name)
+            print(f"local cluster: {name} exited with {proc.returncode}; restarting it "
+                  f"(log: {self.logs / f'{name}.log'})", file=sys.stderr)
+            self._spawn(name, *self._args[name])
 
     def _wait(self, ready, deadline: float, what: str) -> None:
         while True:
