@@ -311,6 +311,9 @@ def run_demo(root: Path, params: Path | None = None, serve: bool = True,
             f"  live index             {live['to']}\n"
             f"  library logs           {_rel(log_path, root)}")
         if stack is not None:
+            # installed before the banner invites a stop (Airflow's dag.test() replaces
+            # SIGTERM handlers while it runs): a SIGTERM right after it must stop the stack
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
             now = pointer.live_manifest(cfg.index)
             shown = "$LOUPE_ADMIN_TOKEN" if preset else token
             say(f"\nServing {now['model_version']} (index {now['index_version']}):\n"
@@ -321,8 +324,6 @@ def run_demo(root: Path, params: Path | None = None, serve: bool = True,
                 f"  Triton gRPC            {stack.triton.grpc_url}\n"
                 f"  admin token            {shown}\n"
                 "Ctrl-C stops the stack.")
-            # installed here: Airflow's dag.test() replaces SIGTERM handlers while it runs
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
             try:
                 stop.wait()
             except KeyboardInterrupt:
