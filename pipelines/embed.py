@@ -66,12 +66,15 @@ QUARANTINE_DIR = "_quarantine"
 @dataclass(frozen=True)
 class EmbedParams:
     n_partitions: int = 8
-    batch_size: int = 64
+    batch_size: int = 64  # images per model call
+    # rows per parquet part file + checkpoint: the GE contract check of a part costs ~0.1 s
+    # whatever its size, so a part spans many model batches (a kill redoes at most one part)
+    part_rows: int = 2048
     validate: bool = True  # GE embeddings contract on every part file before it lands
 
     def __post_init__(self) -> None:
-        if self.n_partitions < 1 or self.batch_size < 1:
-            raise ValueError(f"n_partitions and batch_size must be >= 1: {self}")
+        if min(self.n_partitions, self.batch_size, self.part_rows) < 1:
+            raise ValueError(f"n_partitions, batch_size and part_rows must be >= 1: {self}")
 
     @classmethod
     def load(cls, params_path: Path | None = None) -> EmbedParams:
@@ -171,7 +174,7 @@ def _write_part(path: Path, table: pa.Table, validate: bool, quarantine: Path) -
 
 
 def _embed_partition(items: pd.DataFrame, partition: int, model_version: str,
-                     embed_fn: EmbedFn, out_dir: Path, batch_size: int, validate: bool,
+                     embed_fn: EmbedFn, out_dir: Path, part_rows: int, validate: bool,
                      show_progress: bool) -> int:
     """Embed one partition from its checkpoint on; returns how many items it embedded."""
     pdir = part_dir(out_dir, partition)
@@ -194,7 +197,7 @@ def _embed_partition(items: pd.DataFrame, partition: int, model_version: str,
     with tqdm(total=total, initial=done, desc=f"embed part {partition}", unit="item",
               disable=not show_progress, file=sys.stderr, leave=False) as bar:
         while done < total:
-            batch = items.iloc[done: done + batch_size]
+            batch = items.iloc[done: done + part_rows]
             vectors = require_unit_vectors(embed_fn(batch["image_path"].tolist(), None),
                                            len(batch), f"partition {partition} rows {done}..")
             table = embeddings_table(batch["item_id"].tolist(), model_version, vectors)
@@ -213,15 +216,16 @@ def _embed_partition(items: pd.DataFrame, partition: int, model_version: str,
 
 
 def reembed(world_root: Path, model_version: str, embed_fn: EmbedFn, out_dir: Path,
-            partitions: Sequence[int] | None = None, batch_size: int = 64, *,
+            partitions: Sequence[int] | None = None, part_rows: int = 2048, *,
             n_partitions: int = 8, validate: bool = True, show_progress: bool = True) -> dict:
-    """Embed the catalog partitions `partitions` (all when None) into `out_dir`, resuming
-    each from its checkpoint. Returns items embedded per partition and the elapsed time.
+    """Embed the catalog partitions `partitions` (all when None) into `out_dir`, `part_rows`
+    per part file and checkpoint, resuming each from its checkpoint (`embed_fn` batches the
+    model calls itself). Returns items embedded per partition and the elapsed time.
     A `CatalogTreatment` embed_fn's detector version and pick policy go into run.json."""
     if not model_version:
         raise ValueError("model_version is required: vectors always carry their model")
-    if n_partitions < 1 or batch_size < 1:
-        raise ValueError(f"n_partitions ({n_partitions}) and batch_size ({batch_size}) "
+    if n_partitions < 1 or part_rows < 1:
+        raise ValueError(f"n_partitions ({n_partitions}) and part_rows ({part_rows}) "
                          "must be >= 1")
     parts = list(range(n_partitions)) if partitions is None else [int(p) for p in partitions]
     bad = [p for p in parts if not 0 <= p < n_partitions]
@@ -238,7 +242,7 @@ def reembed(world_root: Path, model_version: str, embed_fn: EmbedFn, out_dir: Pa
     for p in parts:
         items = catalog[bucket == p].reset_index(drop=True)
         embedded[p] = _embed_partition(items, p, model_version, embed_fn, out_dir,
-                                       batch_size, validate, show_progress)
+                                       part_rows, validate, show_progress)
         log.info("embed %s: partition %d/%d: %d new vectors, %d total", model_version, p,
                  n_partitions, embedded[p], len(items))
     return {"model_version": model_version, "treatment": treatment, "out_dir": str(out_dir),
@@ -506,7 +510,7 @@ def _cli(args) -> int:
         embed_fn = attribute_embed_fn(args.world, args.attribute_vectors)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     summary = reembed(args.world, model_version, embed_fn, args.out, args.partition,
-                      params.batch_size, n_partitions=params.n_partitions,
+                      params.part_rows, n_partitions=params.n_partitions,
                       validate=params.validate)
     print(json.dumps(summary, indent=1))
     return 0

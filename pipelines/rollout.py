@@ -169,7 +169,7 @@ def embed_partition(cfg: LoupeConfig, model_version: str, treatment: Mapping[str
 
     p = EmbedParams.load(Path(cfg.params_file))
     summary = reembed(cfg.world, model_version, catalog_embed_fn(cfg, model_version, treatment),
-                      Path(embeddings_dir), [partition], p.batch_size,
+                      Path(embeddings_dir), [partition], p.part_rows,
                       n_partitions=p.n_partitions, validate=p.validate, show_progress=False)
     return {"partition": partition, "embedded": summary["embedded"][partition]}
 

@@ -11,9 +11,36 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import httpx
+import numpy as np
+
+from serving.shards.server import F32_ROUTE
+
+F32_HEADERS = {"content-type": "application/octet-stream"}
+
+
+@dataclass(frozen=True)
+class ShardQuery:
+    """One query as every replica is asked it (serving.shards.server's `/search/f32`): the
+    vector's float32 bytes, encoded once per search, and the query parameters."""
+
+    vector: bytes
+    params: dict[str, str]
+
+    @classmethod
+    def of(cls, vector: Sequence[float] | np.ndarray, k: int, model_version: str | None,
+           filters: dict | None) -> ShardQuery:
+        params = {"k": str(k)}
+        if model_version:
+            params["model_version"] = model_version
+        if filters and filters.get("available_only"):
+            params["available_only"] = "true"
+        if filters and filters.get("regions"):
+            params["regions"] = ",".join(filters["regions"])
+        return cls(np.asarray(vector, dtype="<f4").tobytes(), params)
 
 
 @dataclass
@@ -101,19 +128,22 @@ class Fanout:
         if not task.cancelled():
             task.exception()  # retrieved: a failed straggler is expected, not a log line
 
-    async def _ask(self, url: str, shard_id: int, payload: dict, hedged: bool) -> ShardAnswer:
+    async def _ask(self, url: str, shard_id: int, query: ShardQuery, hedged: bool
+                   ) -> ShardAnswer:
         t0 = time.perf_counter()
-        r = await self.client.post(f"{url}/search", json=payload)
+        r = await self.client.post(f"{url}{F32_ROUTE}", content=query.vector,
+                                   params=query.params, headers=F32_HEADERS)
         r.raise_for_status()
         body = r.json()
         ms = (time.perf_counter() - t0) * 1000
         return ShardAnswer(
             shard_id=shard_id, replica=url,
-            hits=[ShardHit(h["item_id"], float(h["score"]), shard_id) for h in body["hits"]],
+            hits=[ShardHit(item, score, shard_id) for item, score in
+                  zip(body["item_ids"], body["scores"], strict=True)],
             index_version=body["index_version"], model_version=body["model_version"],
             latency_ms=ms, hedged=hedged)
 
-    async def _one_shard(self, shard_id: int, payload: dict) -> tuple[ShardAnswer, int]:
+    async def _one_shard(self, shard_id: int, query: ShardQuery) -> tuple[ShardAnswer, int]:
         """First good answer from a replica; hedge to the next one after the shard's p95,
         and fail over at once when a replica errors (e.g. a killed process)."""
         replicas = self.topology.order(shard_id)
@@ -124,7 +154,7 @@ class Fanout:
 
         def launch(hedged: bool) -> None:
             nonlocal nxt
-            pending.add(asyncio.create_task(self._ask(replicas[nxt], shard_id, payload, hedged)))
+            pending.add(asyncio.create_task(self._ask(replicas[nxt], shard_id, query, hedged)))
             nxt += 1
 
         launch(False)
@@ -150,13 +180,12 @@ class Fanout:
         finally:
             self._let_finish(pending)
 
-    async def search(self, vector: list[float], k: int, deadline_s: float,
+    async def search(self, vector: Sequence[float] | np.ndarray, k: int, deadline_s: float,
                      expect_model_version: str | None = None, filters: dict | None = None
                      ) -> FanoutResult:
-        payload = {"vector": vector, "k": k, "model_version": expect_model_version,
-                   "filters": filters}
+        query = ShardQuery.of(vector, k, expect_model_version, filters)
         shard_ids = sorted(self.topology.replicas)
-        tasks = {asyncio.create_task(self._one_shard(s, payload)): s for s in shard_ids}
+        tasks = {asyncio.create_task(self._one_shard(s, query)): s for s in shard_ids}
         done, late = await asyncio.wait(tasks, timeout=deadline_s)
         self._let_finish(late)
         answers, hedges, missing = [], 0, [tasks[t] for t in late]

@@ -176,7 +176,7 @@ class SearchService:
         tables = self.tables  # one consistent pair, even during an /admin/reload
         t0 = time.perf_counter()
         fan = await self.fanout.search(
-            vectors[0].tolist(), self.candidates_per_shard, self.deadline_s,
+            vectors[0], self.candidates_per_shard, self.deadline_s,
             expect_model_version=live.model_version,
             filters={"available_only": tables.reranker.cfg.drop_unavailable})
         timings["fanout_ms"] = (time.perf_counter() - t0) * 1000

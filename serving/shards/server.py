@@ -1,5 +1,8 @@
 """One shard replica as an HTTP process: `POST /search` answers top-k for a query vector.
 
+`POST /search/f32` is the search API's route (raw float32 vector in, columns out);
+`POST /search` takes and gives JSON objects, for people and scripts.
+
 The process owns a `ShardStore` (hot-swap on cutover, delta + tombstones, version guard) and
 only translates HTTP; run one per shard replica:
 `python -m serving.shards.server --index-root DIR --shard 0 --model-version loupe-embedder/3
@@ -19,18 +22,22 @@ import asyncio
 import hmac
 import os
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 import uvicorn
-from fastapi import FastAPI, Header, HTTPException
+from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from serving.shards.store import NotReady, SearchResult, ShardStore, VersionMismatch
 
 OVERFETCH = 3  # filtered searches ask the index for this many times k
+MAX_DIM = 4096
+F32_ROUTE = "/search/f32"  # serving.api.fanout posts here
 
 
 class Filters(BaseModel):
@@ -39,7 +46,7 @@ class Filters(BaseModel):
 
 
 class SearchRequest(BaseModel):
-    vector: list[float] = Field(min_length=1, max_length=4096)
+    vector: list[float] = Field(min_length=1, max_length=MAX_DIM)
     k: int = Field(ge=1, le=1000)
     model_version: str | None = None
     filters: Filters | None = None
@@ -76,32 +83,62 @@ def create_shard_app(store: ShardStore, item_filter: ItemFilter | None = None,
     app = FastAPI(title=f"Loupe shard {store.shard_id}", lifespan=lifespan)
 
     def _search(vec: np.ndarray, k: int, model_version: str | None,
-                filters: Filters | None) -> tuple[SearchResult, list]:
+                filters: Filters | None) -> SearchResult:
         active = filters is not None and (filters.available_only or filters.regions)
         if active and item_filter is None:
             raise ValueError("this shard has no item feature table: filters unsupported")
         res = store.search(vec, k * OVERFETCH if active else k, model_version)
         if not active:
-            return res, res.hits
-        return res, [h for h in res.hits if item_filter.keep(h.item_id, filters)][:k]
+            return res
+        kept = [(i, s) for i, s in zip(res.item_ids, res.scores, strict=True)
+                if item_filter.keep(i, filters)][:k]
+        return replace(res, item_ids=[i for i, _ in kept], scores=[s for _, s in kept])
 
-    @app.post("/search")
-    async def search(req: SearchRequest):
-        vec = np.asarray(req.vector, dtype=np.float32)
+    async def _answer(vec: np.ndarray, k: int, model_version: str | None,
+                      filters: Filters | None) -> SearchResult:
         if not np.all(np.isfinite(vec)):
             raise HTTPException(422, "vector has non-finite values")
         try:
-            res, hits = await asyncio.to_thread(_search, vec, req.k, req.model_version, req.filters)
+            return await asyncio.to_thread(_search, vec, k, model_version, filters)
         except VersionMismatch as err:
             raise HTTPException(409, str(err)) from err
         except NotReady as err:
             raise HTTPException(503, str(err)) from err
         except ValueError as err:
             raise HTTPException(422, str(err)) from err
+
+    def _head(res: SearchResult) -> dict:
+        return {"shard_id": res.shard_id, "index_version": res.index_version,
+                "model_version": res.model_version}
+
+    @app.post("/search")
+    async def search(req: SearchRequest):
+        """JSON in and out, one object per hit: for people and scripts (curl)."""
+        res = await _answer(np.asarray(req.vector, dtype=np.float32), req.k,
+                            req.model_version, req.filters)
         # plain JSON types already: FastAPI's jsonable_encoder would cost ~0.2 ms per answer
-        return JSONResponse({"shard_id": res.shard_id, "index_version": res.index_version,
-                             "model_version": res.model_version,
-                             "hits": [{"item_id": h.item_id, "score": h.score} for h in hits]})
+        return JSONResponse({**_head(res), "hits": [{"item_id": i, "score": s} for i, s in
+                                                     zip(res.item_ids, res.scores, strict=True)]})
+
+    @app.post(F32_ROUTE)
+    async def search_f32(request: Request, k: Annotated[int, Query(ge=1, le=1000)],
+                         model_version: str | None = None, available_only: bool = False,
+                         regions: str | None = None):
+        """The search API's route: the body is the query vector as raw little-endian float32
+        (no JSON floats to format and parse), the answer two columns, `item_ids` and
+        `scores`, best first. Filters are query parameters (`regions` comma-separated)."""
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_DIM * 4:
+                raise HTTPException(413, f"a query vector is at most {MAX_DIM} float32")
+        if not body or len(body) % 4:
+            raise HTTPException(422, f"the body must be a float32 vector ({len(body)} bytes "
+                                     "is not a positive multiple of 4)")
+        filters = Filters(available_only=available_only,
+                          regions=regions.split(",") if regions else None)
+        res = await _answer(np.frombuffer(bytes(body), dtype="<f4"), k, model_version, filters)
+        return JSONResponse({**_head(res), "item_ids": res.item_ids, "scores": res.scores})
 
     @app.get("/healthz")
     async def healthz():

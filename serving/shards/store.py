@@ -48,10 +48,19 @@ class Hit:
 
 @dataclass(frozen=True)
 class SearchResult:
-    hits: list[Hit]
+    """Top-k of one query, best first, as two columns: building a Hit per candidate costs
+    more than the ANN search at k=150, so the binary shard route never does."""
+
+    item_ids: list[str]
+    scores: list[float]
     index_version: str
     model_version: str
     shard_id: int
+
+    @property
+    def hits(self) -> list[Hit]:
+        return [Hit(item, score) for item, score in zip(self.item_ids, self.scores,
+                                                        strict=True)]
 
 
 # --------------------------------------------------------------------------- delta
@@ -163,7 +172,8 @@ class _Served:
             self.state.apply(fresh)
             self.view = self.state.publish()  # one reference assignment: the swap
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, k: int) -> list[tuple[list[str], list[float]]]:
+        """(item ids, scores) per query, best first; numpy end to end (no per-hit objects)."""
         view = self.view  # read once: the whole answer comes from one snapshot
         base_scores, labels = self.base.search(queries, k, view.selector)
         out = []
@@ -173,14 +183,15 @@ class _Served:
             delta_scores, delta_rows = faiss.knn(queries, view.matrix, kk,
                                                  metric=faiss.METRIC_INNER_PRODUCT)
         for q in range(len(queries)):
-            cands = [(float(s), self.base.ids[lab]) for s, lab in
-                     zip(base_scores[q], labels[q], strict=True) if lab >= 0]
+            found = labels[q] >= 0
+            ids, scores = self.base.ids[labels[q][found]], base_scores[q][found]
             if delta_scores is not None:
-                cands += [(float(s), view.ids[r]) for s, r in
-                          zip(delta_scores[q], delta_rows[q], strict=True)
-                          if r >= 0 and view.alive[r]][:k]
-            cands.sort(key=lambda c: -c[0])
-            out.append([Hit(str(item), score) for score, item in cands[:k]])
+                rows, delta = delta_rows[q], delta_scores[q]
+                live = np.flatnonzero((rows >= 0) & view.alive[np.maximum(rows, 0)])[:k]
+                ids = np.concatenate([ids.astype(object), view.ids[rows[live]]])
+                scores = np.concatenate([scores, delta[live]])
+            best = np.argsort(-scores, kind="stable")[:k]
+            out.append((ids[best].tolist(), scores[best].astype(np.float64).tolist()))
         return out
 
 
@@ -229,8 +240,8 @@ class ShardStore:
         if queries.ndim != 2 or queries.shape[1] != served.base.index.d:
             raise ValueError(f"query vectors must be (n, {served.base.index.d}), "
                              f"got {queries.shape}")
-        return [SearchResult(hits, served.version, served.model_version, self.shard_id)
-                for hits in served.search(queries, k)]
+        return [SearchResult(ids, scores, served.version, served.model_version, self.shard_id)
+                for ids, scores in served.search(queries, k)]
 
     def _pick(self, model_version: str) -> _Served:
         live = self._live

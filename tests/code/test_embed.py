@@ -70,6 +70,18 @@ def test_reference_run_covers_catalog_once_with_model_version(tiny_world, refere
     np.testing.assert_allclose(np.linalg.norm(reference.vectors, axis=1), 1.0, atol=1e-5)
 
 
+def test_a_part_file_and_checkpoint_hold_part_rows_rows(tiny_world, tmp_path):
+    out = tmp_path / "emb"
+    reembed(tiny_world, MODEL, attribute_embed_fn(tiny_world), out, None, 10, n_partitions=2,
+            validate=False, show_progress=False)
+    progress = embed.embedding_progress(out)["partitions"]
+    for p, state in progress.items():
+        rows = [pq.read_metadata(f).num_rows for f in
+                sorted(embed.part_dir(out, p).glob("rows-*.parquet"))]
+        assert len(rows) == -(-state["items_total"] // 10)  # ceil: one part per 10 rows
+        assert sum(rows) == state["items_total"] and max(rows) == 10
+
+
 def test_killed_run_resumes_with_exact_counts_and_identical_vectors(tiny_world, reference,
                                                                     tmp_path):
     out = tmp_path / "emb"

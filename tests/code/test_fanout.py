@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-from fastapi import FastAPI
+import numpy as np
+from fastapi import FastAPI, Request
 
 from serving.api.fanout import Fanout, LatencyTracker, ShardTopology
+from serving.shards.server import F32_ROUTE
 
 
 def _replica(shard_id: int, delay_s: float = 0.0, fail: bool = False,
@@ -16,14 +18,16 @@ def _replica(shard_id: int, delay_s: float = 0.0, fail: bool = False,
     app = FastAPI()
     app.state.calls = 0
 
-    @app.post("/search")
-    async def search(body: dict):
+    @app.post(F32_ROUTE)
+    async def search(request: Request, k: int):
         app.state.calls += 1
+        app.state.vector = np.frombuffer(await request.body(), dtype="<f4")
+        app.state.params = dict(request.query_params)
         await asyncio.sleep(delay_s)
         if fail:
             raise RuntimeError("replica down")
-        return {"hits": [{"item_id": f"s{shard_id}-{i}", "score": 1.0 - 0.1 * i - 0.01 * shard_id}
-                         for i in range(body["k"])],
+        return {"item_ids": [f"s{shard_id}-{i}" for i in range(k)],
+                "scores": [1.0 - 0.1 * i - 0.01 * shard_id for i in range(k)],
                 "index_version": "v1", "model_version": model_version}
 
     return app
@@ -43,6 +47,17 @@ def test_merges_all_shards_by_score():
     res = asyncio.run(fan.search([0.0] * 4, k=3, deadline_s=1.0))
     assert not res.partial and res.hedges_fired == 0
     assert [h.item_id for h in res.hits] == ["s0-0", "s1-0", "s0-1", "s1-1", "s0-2", "s1-2"]
+
+
+def test_replicas_get_the_vector_as_float32_bytes_and_the_filters_as_parameters():
+    app = _replica(0)
+    fan, _ = _fanout({"a0": app}, {0: ["http://a0"]})
+    vector = np.array([0.25, -0.5, 1e-7, 0.75], np.float32)
+    asyncio.run(fan.search(vector, k=3, deadline_s=1.0, expect_model_version="m/1",
+                           filters={"available_only": True, "regions": ["eu", "us"]}))
+    assert app.state.vector.tobytes() == vector.tobytes()  # bit-exact, no text round trip
+    assert app.state.params == {"k": "3", "model_version": "m/1", "available_only": "true",
+                                "regions": "eu,us"}
 
 
 def test_hedges_to_fast_replica_when_first_is_slow():

@@ -35,7 +35,7 @@ from serving.api.triton_client import BadModelInput, DetectorOutput, ModelUnavai
 from serving.shards import ShardStore, layout
 from serving.shards.kinds import build_shard_from_arrays
 from serving.shards.pointer import cutover
-from serving.shards.server import ItemFilter, create_shard_app
+from serving.shards.server import F32_ROUTE, ItemFilter, create_shard_app
 from serving.switch import Live
 
 MODEL = "attributes/0"
@@ -357,3 +357,40 @@ def test_admission_queues_briefly_then_sheds_with_retry_after():
     assert metrics.shed._value.get() == 2  # the one refused at once, the one that timed out
     answer = run(answer_api_error(None, Overloaded("overloaded: test")))
     assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
+
+
+def test_the_float32_shard_route_answers_what_the_json_route_answers(index):
+    catalog, vectors, features, stores = index
+    shard = stores[0]
+    client = TestClient(create_shard_app(shard, ItemFilter(features)))
+    query = vectors[catalog["item_id"].iloc[3]]
+    for params, filters in (({}, None), ({"available_only": "true", "regions": "EU,US"},
+                                          {"available_only": True, "regions": ["EU", "US"]})):
+        as_json = client.post("/search", json={"vector": query.tolist(), "k": 25,
+                                               "filters": filters}).json()
+        as_f32 = client.post(F32_ROUTE, content=query.astype("<f4").tobytes(),
+                             params={"k": 25, **params}).json()
+        assert as_f32["item_ids"] == [h["item_id"] for h in as_json["hits"]]
+        assert as_f32["scores"] == pytest.approx([h["score"] for h in as_json["hits"]])
+        assert as_f32["index_version"] == "v1" and as_f32["model_version"] == MODEL
+        assert as_f32["scores"] == sorted(as_f32["scores"], reverse=True)
+    kept = set(features.loc[features["available"] & features["region"].isin(["EU", "US"]),
+                            "item_id"])
+    assert set(as_f32["item_ids"]) <= kept
+
+
+@pytest.mark.parametrize(("body", "params", "status", "reason"), [
+    (b"\x00\x00\x80", {"k": 5}, 422, "positive multiple of 4"),
+    (b"", {"k": 5}, 422, "positive multiple of 4"),
+    (np.full(256, np.nan, "<f4").tobytes(), {"k": 5}, 422, "non-finite"),
+    (np.ones(8, "<f4").tobytes(), {"k": 5}, 422, "query vectors must be"),
+    (np.ones(4097, "<f4").tobytes(), {"k": 5}, 413, "at most 4096"),
+    (np.ones(256, "<f4").tobytes(), {"k": 0}, 422, "greater than or equal"),
+    (np.ones(256, "<f4").tobytes(), {"k": 5, "model_version": "other/1"}, 409, "other/1"),
+])
+def test_the_float32_shard_route_refuses_bad_vectors_with_a_reason(index, body, params,
+                                                                     status, reason):
+    _, _, features, stores = index
+    client = TestClient(create_shard_app(stores[0], ItemFilter(features)))
+    r = client.post(F32_ROUTE, content=body, params=params)
+    assert r.status_code == status and reason in r.text
