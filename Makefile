@@ -54,6 +54,11 @@ test-fast: lint
 bench: venv
 	nice -n 10 $(PY) bench/run.py $(BENCH_ARGS)
 
+# one shard at each size next to 75k: build, RSS, bytes/vector, recall, QPS/p99 at k=150
+SCALE ?= 1M
+bench-scale: venv
+	nice -n 10 $(PY) bench/index.py --vectors $(SCALE)
+
 # the real stack for SOAK_MINUTES under traffic, a growing feed, replica kills, a rollout, a
 # rollback and a compaction -> reports/soak.json + soak.png (exit 1 when an invariant fails)
 SOAK_MINUTES ?= 20

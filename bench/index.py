@@ -1,6 +1,7 @@
 """Index benchmark on the `large` world: build, memory, recall, QPS, hnswlib peer, streaming.
 
     .venv/bin/python bench/index.py [--work /tmp/loupe-bench-index] [--queries 2000]
+    .venv/bin/python bench/index.py --vectors 1M,10M     # one shard per count: scale
 
 Vectors: the `large` world is metadata only (100k products, ~150k listings, no images), so
 the embeddings are `pipelines.embed.attribute_vectors` — deterministic clustered 256-d unit
@@ -47,10 +48,12 @@ from pipelines.embed import (  # noqa: E402
     load_embeddings,
     reembed,
 )
-from pipelines.index import IndexParams, build_index, publish  # noqa: E402
+from pipelines.index import IndexParams, build_index, publish, write_manifest  # noqa: E402
 from pipelines.ingest import ChangeFeed, FeedEvent, IngestParams, StreamingIndexer  # noqa: E402
 from pipelines.world import SIZES, make_catalog, make_products  # noqa: E402
+from pipelines.world.catalog import CATEGORIES  # noqa: E402
 from serving.shards import ShardIndex, ShardStore, layout  # noqa: E402
+from serving.shards.kinds import build_shard_from_arrays  # noqa: E402
 
 SEED = 0
 MODEL = attribute_model_version(SEED)
@@ -250,14 +253,133 @@ def bench_streaming(world: Path, root: Path, work: Path, n_inserts: int, n_laten
             "ingest_to_searchable_max_s": float(lat.max()), "n_latency_probes": len(lat)}
 
 
+# --------------------------------------------------------------------------- scale
+SCALE_K = 150  # the serving path's per-shard k (serving.api.search): QPS and p99 at it
+BASE_SCALE = 75_000  # one shard of the large world: the growth ratios' denominator
+
+
+def parse_count(text: str) -> int:
+    """`1M`, `10M`, `750k` or `75000`."""
+    text = text.strip().lower()
+    mult = {"k": 1_000, "m": 1_000_000}.get(text[-1:], 1)
+    number = text[:-1] if mult > 1 else text
+    if not number.replace(".", "", 1).isdigit():
+        raise ValueError(f"--vectors takes counts like 1M,10M or 750k, got {text!r}")
+    return int(float(number) * mult)
+
+
+def scaled_catalog(n: int) -> pd.DataFrame:
+    """At least `n` listings from the world generator's catalog builders: the large world's
+    shape (categories, clusters, products per cluster) with more clusters."""
+    size = SIZES["large"]
+    per_cluster = size.products_per_cluster * np.mean(size.listings_per_product)
+    clusters = int(np.ceil(1.05 * n / (per_cluster * len(CATEGORIES))))
+    while True:
+        big = replace(size, n_clusters_per_category=clusters)
+        catalog = make_catalog(make_products(big, SEED), big, SEED)
+        if len(catalog) >= n:
+            return catalog.iloc[:n].reset_index(drop=True)
+        clusters = int(clusters * 1.1) + 1
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_scale_point(n: int, params: IndexParams, work: Path, n_exact: int,
+                      n_queries: int, threads: int) -> dict:
+    """One shard of `n` attribute vectors: build, bytes, recall@10 vs exact on a sample,
+    single-thread QPS and p99 at k=150."""
+    catalog = scaled_catalog(n)
+    t0 = time.perf_counter()
+    vectors = attribute_vectors(catalog, SEED)
+    vectors_s = time.perf_counter() - t0
+    queries_cat = catalog.sample(n_queries, random_state=1).reset_index(drop=True)
+    queries_cat["item_id"] = [f"query{i:06d}" for i in range(n_queries)]
+    queries = attribute_vectors(queries_cat, SEED)
+    root = work / f"scale-{n}"
+    shutil.rmtree(root, ignore_errors=True)
+    vdir = layout.version_dir(root, "scale")
+    rss_before = peak_rss_mb()
+    faiss.omp_set_num_threads(threads)
+    build_shard_from_arrays(catalog["item_id"].to_numpy(), vectors, MODEL, 0,
+                            replace(params, n_shards=1), vdir)
+    manifest = write_manifest(vdir, 1, {"bench": "index --vectors"})
+    shard = ShardIndex.load(vdir, 0, manifest, verify=False)
+    index_bytes = (layout.shard_dir(vdir, 0) / layout.INDEX_FILE).stat().st_size
+    faiss.omp_set_num_threads(threads)
+    sample = queries[:n_exact]
+    _, exact = faiss.knn(sample, vectors, K, metric=faiss.METRIC_INNER_PRODUCT)
+    faiss.omp_set_num_threads(1)
+    _, labels = shard.search(sample, K)
+    times = []
+    for q in queries:
+        t = time.perf_counter()
+        shard.search(q[None], SCALE_K)
+        times.append(time.perf_counter() - t)
+    times = np.array(times[10:])  # the first calls page the index in
+    row = {"vectors": n, "build_seconds": manifest["build_seconds"],
+           "vector_generation_seconds": round(vectors_s, 1),
+           "peak_rss_mb": round(peak_rss_mb(), 1),
+           "peak_rss_growth_during_build_mb": round(peak_rss_mb() - rss_before, 1),
+           "index_bytes_per_vector": index_bytes / n,
+           "recall_at_10": recall(labels[:, :K], exact), "n_exact_queries": n_exact,
+           "qps_k150": float(1 / times.mean()),
+           "p50_ms_k150": float(np.percentile(times, 50) * 1e3),
+           "p99_ms_k150": float(np.percentile(times, 99) * 1e3), "n_queries": len(times)}
+    shutil.rmtree(root, ignore_errors=True)
+    print(f"{n:>10,} vectors: build {row['build_seconds']:.0f} s, "
+          f"{row['index_bytes_per_vector']:.0f} B/vector, recall@10 {row['recall_at_10']:.4f}, "
+          f"{row['qps_k150']:.0f} qps at k=150, p99 {row['p99_ms_k150']:.2f} ms", flush=True)
+    return row
+
+
+def bench_scale(counts: list[int], work: Path, out: Path, n_exact: int, n_queries: int) -> int:
+    params, threads = IndexParams.load(), faiss.omp_get_max_threads()
+    load_start = os.getloadavg()
+    rows = [bench_scale_point(n, params, work, n_exact, n_queries, threads)
+            for n in [BASE_SCALE, *counts]]
+    base = rows[0]
+    for r in rows:
+        r["qps_over_75k"] = r["qps_k150"] / base["qps_k150"]
+        r["p99_over_75k"] = r["p99_ms_k150"] / base["p99_ms_k150"]
+        r["build_seconds_per_vector_over_75k"] = (r["build_seconds"] / r["vectors"]) / (
+            base["build_seconds"] / base["vectors"])
+    report = {"what": "one shard of n attribute vectors (the large world's catalog shape, "
+                      "more clusters), FAISS HNSW fp16 at params.yaml's settings; recall@10 "
+                      "vs exact search on a query sample; single-thread QPS / p99 at k=150",
+              "params": params.build_params(), "threads_build": threads, "threads_search": 1,
+              "rows": rows, "loadavg": {"start": load_start, "end": os.getloadavg()}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"{'vectors':>10} {'build s':>8} {'B/vec':>6} {'recall@10':>9} {'qps k150':>9} "
+          f"{'p99 ms':>7} {'qps/75k':>8}")
+    for r in rows:
+        print(f"{r['vectors']:>10,} {r['build_seconds']:8.0f} {r['index_bytes_per_vector']:6.0f} "
+              f"{r['recall_at_10']:9.4f} {r['qps_k150']:9.0f} {r['p99_ms_k150']:7.2f} "
+              f"{r['qps_over_75k']:8.2f}")
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/loupe-bench-index"))
+    ap.add_argument("--vectors", default=None,
+                    help="scale run instead: one shard at each count, e.g. 1M,10M "
+                         "(writes reports/bench_index_scale.json)")
+    ap.add_argument("--exact-queries", type=int, default=200)
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--inserts", type=int, default=5000)
     ap.add_argument("--latency-probes", type=int, default=100)
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "bench_index.json")
     args = ap.parse_args(argv)
+    if args.vectors:
+        return bench_scale([parse_count(c) for c in args.vectors.split(",")], args.work,
+                           REPO / "reports" / "bench_index_scale.json", args.exact_queries,
+                           args.queries)
     threads = faiss.omp_get_max_threads()
     load_start = os.getloadavg()  # the machine is shared: throughput numbers depend on it
     params = IndexParams.load()

@@ -6,6 +6,7 @@ a markdown table in reports/bench.md.
 Steps, each a fresh process writing its own JSON (so FAISS/onnxruntime thread settings and
 Airflow's one-time configuration do not leak between them):
   bench/index.py    shard recall@10 vs exact, QPS next to hnswlib, bytes/vector, streaming
+  bench/shard_protocol.py  one shard call's CPU, float32 route vs JSON route, on that index
   bench/serve.py    the real serving stack: latency vs concurrency, per stage, compute bound
   bench/rollout.py  the rollout DAG on the large world, wall time per stage
   bench/reembed.py  re-embed images/s through the exported embedder on real photos
@@ -25,8 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 REPORTS = REPO / "reports"
 CONCURRENCY = ("1", "4", "8")
-STEPS = {"index": "index.py", "serve": "serve.py", "rollout": "rollout.py",
-         "reembed": "reembed.py", "gpu": "gpu.py"}
+STEPS = {"index": "index.py", "shard_protocol": "shard_protocol.py", "serve": "serve.py",
+         "rollout": "rollout.py", "reembed": "reembed.py", "gpu": "gpu.py"}
 STAGES = ("detect_ms", "embed_ms", "fanout_ms", "rerank_ms", "api_other_ms", "outside_api_ms")
 
 
@@ -158,13 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     outputs = {"index": REPORTS / "bench_index.json", "serve": REPORTS / "bench_serve.json",
-               "rollout": work / "rollout.json", "reembed": work / "reembed.json",
+               "shard_protocol": REPORTS / "bench_shard_protocol.json",
+               "rollout": work / "rollout.json", "reembed": REPORTS / "bench_reembed.json",
                "gpu": work / "gpu.json"}
     for name, script in STEPS.items():
         if name in args.reuse and outputs[name].is_file():
             print(f"== {name}: reusing {outputs[name]}", flush=True)
             continue
-        step_work = work / ("index" if name == "index" else "serve")  # the rest share models
+        # the shard call reuses the index step's index; the rest share models
+        step_work = work / ("index" if name in ("index", "shard_protocol") else "serve")
         step(script, "--work", str(step_work), "--out", str(outputs[name]))
     data = {name: json.loads(path.read_text()) for name, path in outputs.items()}
     report = aggregate(data["index"], data["serve"], data["rollout"], data["reembed"],

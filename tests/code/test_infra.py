@@ -380,7 +380,7 @@ def test_capacity_model_quotes_the_reports_and_sizes_the_statefulset():
     assert _quoted(doc, "bytes per vector in RAM, IVF-PQ") == pytest.approx(
         bench["bytes_per_vector_pq"], rel=0.05)
     shards = int(re.search(r"1e9 / (\d+) shards", doc).group(1))
-    replicas = int(re.search(r"replicas\s+= (\d+) x", doc).group(1))
+    replicas, vcpu = map(int, re.search(r"replicas\s+= (\d+) x (\d+) vCPU", doc).groups())
     sts = k8s_objects()[("StatefulSet", "loupe-shard")]
     c = container(sts)
     assert int(next(e["value"] for e in c["env"] if e["name"] == "LOUPE_N_SHARDS")) == shards
@@ -388,3 +388,4 @@ def test_capacity_model_quotes_the_reports_and_sizes_the_statefulset():
     ram = 1e9 / shards * (bench["bytes_per_vector_hnsw"] + 64)  # A1: 64 B per item id
     request = c["resources"]["requests"]["memory"]
     assert request.endswith("Gi") and ram < int(request[:-2]) * 2**30 * 0.95
+    assert c["resources"]["requests"]["cpu"] == str(vcpu)
