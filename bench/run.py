@@ -28,7 +28,7 @@ REPORTS = REPO / "reports"
 CONCURRENCY = ("1", "4", "8")
 STEPS = {"index": "index.py", "shard_protocol": "shard_protocol.py", "serve": "serve.py",
          "rollout": "rollout.py", "reembed": "reembed.py", "gpu": "gpu.py"}
-STAGES = ("detect_ms", "embed_ms", "fanout_ms", "rerank_ms", "api_other_ms", "outside_api_ms")
+STAGES = ("detect_embed_ms", "fanout_ms", "rerank_ms", "api_other_ms", "outside_api_ms")
 
 
 def step(script: str, *args: str) -> None:

@@ -1,6 +1,7 @@
 """The search service: detect, pick a box, embed (the crop happens in Triton), fan out to
-the shards, merge, re-rank. Plain Python: the HTTP routes (serving/api/app.py) only parse
-the form and answer what this returns or raises.
+the shards, merge, re-rank. With no box chosen by the user, detect -> pick -> crop -> embed
+is one Triton call (`detect_embed`: one decode, one request). Plain Python: the HTTP routes
+(serving/api/app.py) only parse the form and answer what this returns or raises.
 
 Failure policy, so the camera feature degrades instead of erroring: bad input -> `Rejected`
 (422, 413 for too large) before any model runs where the upload header is enough to tell;
@@ -24,13 +25,18 @@ import numpy as np
 import pandas as pd
 
 from data_contracts.constants import GRID_SIZE
-from models.detector import WHOLE_PHOTO, pick_salient
+from models.detector import pick_salient
 from models.preprocessing import check_box
 from serving.api.errors import Rejected, Unavailable
 from serving.api.fanout import Fanout
 from serving.api.metrics import Metrics
 from serving.api.rerank import RerankConfig, Reranker
-from serving.api.triton_client import BadModelInput, DetectorOutput, ModelUnavailable
+from serving.api.triton_client import (
+    BadModelInput,
+    DetectEmbedOutput,
+    DetectorOutput,
+    ModelUnavailable,
+)
 from serving.api.uploads import check_image
 from serving.switch import Live
 
@@ -43,6 +49,8 @@ class Models(Protocol):
     """The detector and the embedder (serving/api/triton_client.py's `TritonModels`)."""
 
     async def detect(self, image: bytes, version: int) -> DetectorOutput: ...
+
+    async def detect_embed(self, image: bytes, version: int) -> DetectEmbedOutput: ...
 
     async def embed(self, images: list[bytes], boxes: np.ndarray, version: int
                     ) -> tuple[np.ndarray, str]: ...
@@ -137,10 +145,8 @@ class SearchService:
     async def _detect(self, image: bytes, live: Live) -> DetectResult:
         det, ms = await self._model_call("detect", self.models.detect(image,
                                                                       live.triton_version))
-        boxes = [Detection([round(float(v), 4) for v in b], round(float(s), 4),
-                           live.categories[int(lbl)])
-                 for b, s, lbl in zip(det.boxes, det.scores, det.labels, strict=True)]
-        return DetectResult(boxes, pick_salient(det.boxes, det.scores), live.model_version, ms)
+        return DetectResult(_detections(det, live), pick_salient(det.boxes, det.scores),
+                            live.model_version, ms)
 
     async def detect(self, image: bytes) -> DetectResult:
         """The detected boxes and the one a search would crop by default."""
@@ -159,17 +165,22 @@ class SearchService:
         chosen = None if query.box is None else _checked_box(query.box)
         live = self.live()  # one consistent triple for the whole request
         detected: list[Detection] = []
-        if chosen is None:
-            det = await self._detect(query.image, live)
-            detected, timings["detect_ms"] = det.boxes, det.latency_ms
-            if query.box_index is not None and not 0 <= query.box_index < len(detected):
-                raise Rejected(f"box_index {query.box_index} out of range "
-                               f"(detected {len(detected)} boxes)")
-            pick = det.default_box if query.box_index is None else query.box_index
-            chosen = WHOLE_PHOTO if pick is None else tuple(detected[pick].box)
-        (vectors, model_version), timings["embed_ms"] = await self._model_call(
-            "embed", self.models.embed([query.image], np.asarray([chosen]),
-                                       live.triton_version))
+        if chosen is None and query.box_index is None:
+            out, timings["detect_embed_ms"] = await self._model_call(
+                "detect_embed", self.models.detect_embed(query.image, live.triton_version))
+            detected, chosen = _detections(out, live), _rounded(out.box)
+            vectors, model_version = out.vector[None], out.model_version
+        else:
+            if chosen is None:  # the user picked one of the detected boxes
+                det = await self._detect(query.image, live)
+                detected, timings["detect_ms"] = det.boxes, det.latency_ms
+                if not 0 <= query.box_index < len(detected):
+                    raise Rejected(f"box_index {query.box_index} out of range "
+                                   f"(detected {len(detected)} boxes)")
+                chosen = tuple(detected[query.box_index].box)
+            (vectors, model_version), timings["embed_ms"] = await self._model_call(
+                "embed", self.models.embed([query.image], np.asarray([chosen]),
+                                           live.triton_version))
         if model_version != live.model_version:  # never search an index with another model
             raise Unavailable(f"embedder answered with {model_version!r}, the live index "
                               f"needs {live.model_version!r}")
@@ -208,6 +219,15 @@ class SearchService:
             partial=fan.partial, missing_shards=fan.missing_shards,
             hedges_fired=fan.hedges_fired, items=items,
             timings_ms={key: round(v, 3) for key, v in timings.items()})
+
+
+def _rounded(box) -> Box:
+    return tuple(round(float(v), 4) for v in box)
+
+
+def _detections(det: DetectorOutput | DetectEmbedOutput, live: Live) -> list[Detection]:
+    return [Detection(list(_rounded(b)), round(float(s), 4), live.categories[int(lbl)])
+            for b, s, lbl in zip(det.boxes, det.scores, det.labels, strict=True)]
 
 
 def _checked_box(box: Sequence[float]) -> Box:

@@ -3,8 +3,11 @@
 `detector`: IMAGE (encoded bytes) -> BOXES (n, 4, normalised x0,y0,x1,y1), SCORES (n,),
 LABELS (n,). `embedder`: IMAGE (encoded bytes) + BOX (4,) -> EMBEDDING (256,), unit norm; the
 crop happens inside Triton with the shared crop policy, so the query path and the catalog
-re-embedding path cut objects the same way. Both also return MODEL_VERSION, the Loupe model
-version that produced the answer, so the API checks versions per request, not per deploy.
+re-embedding path cut objects the same way. `detect_embed`: IMAGE -> the detector's outputs,
+BOX (4,), the box the catalog treatment's rule picks, and its EMBEDDING, in one call (one
+decode, one request): the search path when the user chose no box. All return MODEL_VERSION,
+the Loupe model version that produced the answer, so the API checks versions per request,
+not per deploy.
 Every call pins the Triton version number that the live index was built with.
 """
 
@@ -16,6 +19,8 @@ import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferInput, InferRequestedOutput, KeepAliveOptions
 from tritonclient.utils import InferenceServerException
+
+from serving.triton.repository import MODELS
 
 BAD_IMAGE_PREFIX = "BadImage:"
 # gRPC's reconnect backoff grows to 120 s by default, so after a Triton restart the API would
@@ -52,6 +57,16 @@ class DetectorOutput:
     scores: np.ndarray  # (n,)
     labels: np.ndarray  # (n,)
     detector_version: str
+
+
+@dataclass
+class DetectEmbedOutput:
+    boxes: np.ndarray  # (n, 4) normalised
+    scores: np.ndarray  # (n,)
+    labels: np.ndarray  # (n,)
+    box: np.ndarray  # (4,) the picked box, normalised
+    vector: np.ndarray  # (dim,) unit norm
+    model_version: str
 
 
 def _bytes_input(name: str, values: list[bytes]) -> InferInput:
@@ -94,6 +109,14 @@ class TritonModels:
         return DetectorOutput(boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1),
                               mv.reshape(-1)[0].decode())
 
+    async def detect_embed(self, image: bytes, version: int) -> DetectEmbedOutput:
+        """Detections, the picked box and its unit vector, from one call."""
+        boxes, scores, labels, box, vec, mv = await self._infer(
+            "detect_embed", [_bytes_input("IMAGE", [image])],
+            ["BOXES", "SCORES", "LABELS", "BOX", "EMBEDDING", "MODEL_VERSION"], version)
+        return DetectEmbedOutput(boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1),
+                                 box.reshape(4), vec.reshape(-1), mv.reshape(-1)[0].decode())
+
     async def embed(self, images: list[bytes], boxes: np.ndarray, version: int
                     ) -> tuple[np.ndarray, str]:
         """Unit vectors for the boxed objects, and the model version that made them."""
@@ -105,16 +128,19 @@ class TritonModels:
 
     async def ready(self, version: int) -> bool:
         try:
-            return bool(await self._client.is_server_ready()
-                        and await self._client.is_model_ready("embedder", str(version))
-                        and await self._client.is_model_ready("detector", str(version)))
+            if not await self._client.is_server_ready():
+                return False
+            for model in MODELS:
+                if not await self._client.is_model_ready(model, str(version)):
+                    return False
+            return True
         except InferenceServerException:
             return False
 
     async def load_models(self) -> None:
-        """Re-read both configs (the served-versions list) and load what they name."""
+        """Re-read the configs (the served-versions list) and load what they name."""
         try:
-            for model in ("detector", "embedder"):
+            for model in MODELS:
                 await self._client.load_model(model)
         except InferenceServerException as err:
             raise ModelUnavailable(f"triton at {self.url} failed to load models: "

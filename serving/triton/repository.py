@@ -1,5 +1,5 @@
-"""Triton model repository for Loupe: `detector` and `embedder`, one numbered version each
-per rollout.
+"""Triton model repository for Loupe: `detector`, `embedder` and `detect_embed` (both in one
+call, the camera path's default), one numbered version each per rollout.
 
 The Triton version number is the registry version number of the embedder ("loupe-embedder/7"
 -> version 7 of both Triton models), so the index manifest's model version names exactly the
@@ -12,6 +12,7 @@ version before the index cutover (see `serving/api/app.py`, admin cutover).
     <repo>/embedder/<N>/            embedder.onnx, embedder.json, model.py, loupe.json
     <repo>/detector/config.pbtxt
     <repo>/detector/<N>/            detector.onnx, detector.json, model.py, loupe.json
+    <repo>/detect_embed/<N>/        model.py, loupe.json (it runs detector/N and embedder/N)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PYTHON_MODELS = Path(__file__).parent / "python_models"
-MODELS = ("detector", "embedder")
+MODELS = ("detector", "embedder", "detect_embed")
 META_FILE = "loupe.json"
 
 @dataclass(frozen=True)
@@ -48,9 +49,9 @@ def triton_version(model_version: str) -> int:
     return int(number)
 
 
-def _install(model_dir: Path, number: int, files_from: Path, python_model: str,
+def _install(model_dir: Path, number: int, files_from: Path | None, python_model: str,
              meta: dict) -> Path:
-    if not files_from.is_dir():
+    if files_from is not None and not files_from.is_dir():
         raise FileNotFoundError(f"exported model directory not found: {files_from}")
     final = model_dir / str(number)
     if final.exists():  # versions are immutable: a rollout never rewrites a served version
@@ -61,7 +62,10 @@ def _install(model_dir: Path, number: int, files_from: Path, python_model: str,
         return final
     tmp = model_dir / f".{number}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(files_from, tmp)
+    if files_from is None:
+        tmp.mkdir()
+    else:
+        shutil.copytree(files_from, tmp)
     shutil.copy(PYTHON_MODELS / python_model, tmp / "model.py")
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
     tmp.rename(final)
@@ -75,10 +79,11 @@ def add_version(repo: Path, model_version: str, embedder_dir: Path, detector_dir
     number = triton_version(model_version)
     repo = Path(repo)
     meta = {"model_version": model_version, "detector_version": detector_version}
-    for name, src in (("embedder", embedder_dir), ("detector", detector_dir)):
+    for name, src in (("embedder", Path(embedder_dir)), ("detector", Path(detector_dir)),
+                      ("detect_embed", None)):
         model_dir = repo / name
         model_dir.mkdir(parents=True, exist_ok=True)
-        _install(model_dir, number, Path(src), f"{name}.py", meta)
+        _install(model_dir, number, src, f"{name}.py", meta)
     if not (repo / "embedder" / "config.pbtxt").exists():
         serve_versions(repo, [number], cfg)
     return number
@@ -109,6 +114,10 @@ _TENSORS = {
     "detector": ([("IMAGE", "TYPE_STRING", [1])],
                  [("BOXES", "TYPE_FP32", [-1, 4]), ("SCORES", "TYPE_FP32", [-1]),
                   ("LABELS", "TYPE_INT32", [-1]), ("MODEL_VERSION", "TYPE_STRING", [1])]),
+    "detect_embed": ([("IMAGE", "TYPE_STRING", [1])],
+                     [("BOXES", "TYPE_FP32", [-1, 4]), ("SCORES", "TYPE_FP32", [-1]),
+                      ("LABELS", "TYPE_INT32", [-1]), ("BOX", "TYPE_FP32", [4]),
+                      ("EMBEDDING", "TYPE_FP32", None), ("MODEL_VERSION", "TYPE_STRING", [1])]),
 }
 
 

@@ -18,6 +18,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serving.triton.repository import MODELS
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -59,7 +61,7 @@ class TritonServer:
     grpc_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     # explicit model control: versions are (re)loaded on demand at a model-version switch
-    explicit_models: tuple[str, ...] | None = ("detector", "embedder")
+    explicit_models: tuple[str, ...] | None = MODELS
     process: subprocess.Popen | None = None
 
     @property

@@ -10,8 +10,8 @@ from bench.run import CONCURRENCY, aggregate, markdown
 from bench.serve import summarize_level, triton_delta
 
 
-def _rows(latencies, detect=5.0, embed=3.0, fanout=4.0, rerank=0.5, total=14.0):
-    return [(ms, {"timings": {"detect_ms": detect, "embed_ms": embed, "fanout_ms": fanout,
+def _rows(latencies, detect_embed=8.0, fanout=4.0, rerank=0.5, total=14.0):
+    return [(ms, {"timings": {"detect_embed_ms": detect_embed, "fanout_ms": fanout,
                               "rerank_ms": rerank, "total_ms": total},
                   "partial": i == 0, "hedges": 1}) for i, ms in enumerate(latencies)]
 
@@ -90,7 +90,7 @@ def test_aggregate_and_markdown():
     assert report["index"]["recall_at_10_pq"] == 0.95
     md = markdown(report)
     assert "| 8 | 80.0 | 80.0 | 80.0 | 3.0 |" in md
-    assert "| 1 | 5.0 / 5.0 | 3.0 / 3.0 | 4.0 / 4.0 | 0.5 / 0.5 |" in md
+    assert "| 1 | 8.0 / 8.0 | 4.0 / 4.0 | 0.5 / 0.5 |" in md
     assert "| embed_partition | 1 | 3.0 | 3.0 |" in md
     assert "| 4 | 5.0 | 12.0 | 50% |" in md
     assert "GPU variant skipped: no GPU" in md

@@ -75,6 +75,37 @@ def test_train_serve_skew_cosine_per_image(served, tiny_world):
     assert cosine.min() >= 0.999, cosine
 
 
+def test_one_call_detect_embed_is_the_catalog_treatment(served, tiny_world):
+    """The search path's one Triton call (decode once, detect, pick, crop, embed) gives a
+    photo the box and the vector the catalog treatment gives it offline: query and catalog
+    vectors are made the same way."""
+    from pipelines.embed import catalog_treatment
+    from serving.api.triton_client import TritonModels
+
+    catalog = pd.read_parquet(tiny_world / "tables/catalog.parquet").iloc[::40]
+    scenes = pd.read_parquet(tiny_world / "tables/scenes.parquet").iloc[:8]
+    paths = list(scenes["image_path"]) + list(catalog["image_path"])
+    offline = catalog_treatment(served.embedder_dir, served.detector_dir, tiny_world,
+                                served.detector_version)
+    boxes, vectors = offline.boxes(paths), offline(paths)
+
+    async def through_triton():
+        client = TritonModels(served.stack.triton.grpc_url)
+        try:
+            return await asyncio.gather(*(client.detect_embed((tiny_world / p).read_bytes(), 1)
+                                          for p in paths))
+        finally:
+            await client.close()
+
+    answers = asyncio.run(through_triton())
+    assert {a.model_version for a in answers} == {MODEL_V1}
+    assert (boxes != [0.0, 0.0, 1.0, 1.0]).any(axis=1).sum() >= 8  # scenes: a box was cut
+    np.testing.assert_allclose(np.stack([a.box for a in answers]), boxes, atol=1e-4)
+    cosine = np.sum(np.stack([a.vector for a in answers]) * vectors, axis=1)
+    print(f"detect_embed vs catalog treatment: {len(paths)} photos, min cos {cosine.min():.6f}")
+    assert cosine.min() >= 0.999, cosine
+
+
 # --------------------------------------------------------------------------- e2e
 def test_room_scene_search_finds_the_product_or_its_style(served, tiny_world):
     """Held-out scenes (val + test), default (salient) box: the matched object's product or
