@@ -6,10 +6,12 @@ goes, for the JSON route and the float32 route side by side in one run.
 One real shard replica process (`python -m serving.shards.server`, as `ServingStack` starts
 it) serves shard 0 of the large world's index (bench/index.py's vectors and build, reused
 from `--work` when it holds them). Calls are sequential, k = 150 (the serving path's
-`shard_k`), and alternate between the two routes in blocks, so both see the same machine:
-- `json`: `POST /search`, the vector as a JSON list, one object per hit back;
-- `f32`: `POST /search/f32`, the vector as raw float32 bytes, two columns back, sent by the
-  search API's own client code (`serving.api.fanout.Fanout`, one replica, no hedging).
+`shard_k`), and alternate between the routes in blocks, so all see the same machine:
+- `json`: `POST /search`, the vector as a JSON list, one object per hit back (httpx);
+- `f32_httpx`: `POST /search/f32`, the vector as raw float32 bytes, two columns back, posted
+  by httpx (the search API's client before it moved to aiohttp);
+- `f32`: the same route through the search API's own client code
+  (`serving.api.fanout.Fanout` over `ShardClient`, aiohttp; one replica, no hedging).
 Measured per call: the replica's CPU (utime + stime from /proc), the client's CPU, and the
 store's search alone in this process (ANN + tombstones + delta merge), so the replica's
 "machinery" (HTTP, parsing, encoding) is its CPU minus the store's.
@@ -41,8 +43,17 @@ from pipelines.embed import (  # noqa: E402
     reembed,
 )
 from pipelines.index import IndexParams, publish  # noqa: E402
-from serving.api.fanout import Fanout, LatencyTracker, ShardHit, ShardTopology  # noqa: E402
+from serving.api.fanout import (  # noqa: E402
+    F32_HEADERS,
+    Fanout,
+    LatencyTracker,
+    ShardClient,
+    ShardHit,
+    ShardQuery,
+    ShardTopology,
+)
 from serving.shards import ShardStore, layout, pointer  # noqa: E402
+from serving.shards.server import F32_ROUTE  # noqa: E402
 from serving.stack import ServiceProcess  # noqa: E402
 from serving.triton.server import free_port  # noqa: E402
 
@@ -81,11 +92,21 @@ async def json_call(client: httpx.AsyncClient, url: str, vector: np.ndarray) -> 
     return [ShardHit(h["item_id"], float(h["score"]), 0) for h in r.json()["hits"]]
 
 
+async def f32_httpx_call(client: httpx.AsyncClient, url: str, vector: np.ndarray) -> list:
+    query = ShardQuery.of(vector, K, MODEL, None)
+    r = await client.post(f"{url}{F32_ROUTE}", content=query.vector, params=query.params,
+                          headers=F32_HEADERS)
+    r.raise_for_status()
+    body = r.json()
+    return [ShardHit(i, s, 0) for i, s in zip(body["item_ids"], body["scores"], strict=True)]
+
+
 async def measure(url: str, pid: int, queries: np.ndarray, calls: int) -> dict:
     """Per route: replica CPU, client CPU and wall time per call, blocks interleaved."""
-    client = httpx.AsyncClient(timeout=10)
-    fanout = Fanout(ShardTopology({0: [url]}), client, LatencyTracker(), hedge=False)
+    client, shards = httpx.AsyncClient(timeout=10), ShardClient(timeout_s=10)
+    fanout = Fanout(ShardTopology({0: [url]}), shards, LatencyTracker(), hedge=False)
     routes = {"json": lambda q: json_call(client, url, q),
+              "f32_httpx": lambda q: f32_httpx_call(client, url, q),
               "f32": lambda q: fanout.search(q, K, deadline_s=10.0,
                                              expect_model_version=MODEL)}
     totals = {name: {"server_s": 0.0, "client_s": 0.0, "wall_s": 0.0, "calls": 0}
@@ -107,6 +128,7 @@ async def measure(url: str, pid: int, queries: np.ndarray, calls: int) -> dict:
             t["calls"] += len(block)
         i += BLOCK
     await client.aclose()
+    await shards.close()
     return {name: {"server_cpu_ms": 1000 * t["server_s"] / t["calls"],
                    "client_cpu_ms": 1000 * t["client_s"] / t["calls"],
                    "wall_ms": 1000 * t["wall_s"] / t["calls"], "calls": t["calls"]}
@@ -163,17 +185,21 @@ def main(argv: list[str] | None = None) -> int:
         / routes["json"]["client_cpu_ms"],
         "machinery_f32_over_json": routes["f32"]["machinery_cpu_ms"]
         / routes["json"]["machinery_cpu_ms"],
+        # the same route and replica, the API's aiohttp client against httpx
+        "client_cpu_aiohttp_over_httpx": routes["f32"]["client_cpu_ms"]
+        / routes["f32_httpx"]["client_cpu_ms"],
         "loadavg": {"start": load0, "end": os.getloadavg()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"{'route':6} {'replica CPU ms':>15} {'of it machinery':>16} {'client CPU ms':>14} "
+    print(f"{'route':9} {'replica CPU ms':>15} {'of it machinery':>16} {'client CPU ms':>14} "
           f"{'wall ms':>8}")
     for name, r in routes.items():
-        print(f"{name:6} {r['server_cpu_ms']:15.3f} {r['machinery_cpu_ms']:16.3f} "
+        print(f"{name:9} {r['server_cpu_ms']:15.3f} {r['machinery_cpu_ms']:16.3f} "
               f"{r['client_cpu_ms']:14.3f} {r['wall_ms']:8.3f}")
     print(f"store search alone: {alone:.3f} ms/call; f32/json replica CPU "
           f"{report['server_cpu_f32_over_json']:.2f}, client CPU "
-          f"{report['client_cpu_f32_over_json']:.2f}  -> {args.out}")
+          f"{report['client_cpu_f32_over_json']:.2f}, aiohttp/httpx client CPU "
+          f"{report['client_cpu_aiohttp_over_httpx']:.2f}  -> {args.out}")
     return 0
 
 

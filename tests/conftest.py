@@ -99,6 +99,40 @@ def _own_tracking_store(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
 
 
+@pytest.fixture
+def http_apps():
+    """`serve(app) -> base URL`: an ASGI app over real loopback HTTP (uvicorn in a thread, no
+    lifespan), so clients are tested with their own transport; all stop after the test."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    running = []
+
+    def serve(app) -> str:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="critical",
+                                               access_log=False))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("test HTTP server did not start")
+            time.sleep(0.005)
+        running.append((server, thread))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield serve
+    for server, _ in running:
+        server.should_exit = True
+    for _, thread in running:
+        thread.join(10)
+
+
 @pytest.fixture(scope="session")
 def bomb_png() -> bytes:
     """A valid grey PNG of 20000 x 20000 zeros, streamed through zlib row by row (the image

@@ -43,7 +43,7 @@ from pydantic import BaseModel, Field
 from data_contracts.constants import GRID_SIZE
 from serving.api.admission import Admission
 from serving.api.errors import ApiError, Rejected, answer_api_error
-from serving.api.fanout import Fanout, LatencyTracker, ShardTopology
+from serving.api.fanout import Fanout, LatencyTracker, ShardClient, ShardTopology
 from serving.api.metrics import Metrics, RequestTelemetry, request_log
 from serving.api.replica_health import ReplicaHealth
 from serving.api.rerank import RerankConfig
@@ -279,9 +279,10 @@ def create_app(settings: ApiSettings, routers: Sequence[APIRouter] = ()) -> Fast
                 [u for urls in settings.shards.values() for u in urls], settings.admin_token,
                 triton, http, settings.switch_timeout_s,
                 on_switch=lambda live: metrics.served(live.model_version, live.index_version))
+            shards = ShardClient(timeout_s=max(1.0, settings.deadline_s * 4))
             service = SearchService(
-                triton, Fanout(ShardTopology(settings.shards), http, LatencyTracker()), tables,
-                lambda: switcher.live, metrics, settings.deadline_s,
+                triton, Fanout(ShardTopology(settings.shards), shards, LatencyTracker()),
+                tables, lambda: switcher.live, metrics, settings.deadline_s,
                 settings.candidates_per_shard)
             health = ReplicaHealth(settings.shards, http, metrics.replicas_up,
                                    metrics.shards_missing)
@@ -295,6 +296,7 @@ def create_app(settings: ApiSettings, routers: Sequence[APIRouter] = ()) -> Fast
             finally:
                 prober.cancel()
                 await triton.close()
+                await shards.close()
 
     app = FastAPI(title="Loupe search API", version="1", lifespan=lifespan)
 

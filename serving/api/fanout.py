@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 import numpy as np
 
 from serving.shards.server import F32_ROUTE
@@ -41,6 +41,38 @@ class ShardQuery:
         if filters and filters.get("regions"):
             params["regions"] = ",".join(filters["regions"])
         return cls(np.asarray(vector, dtype="<f4").tobytes(), params)
+
+
+class ShardClient:
+    """HTTP/1.1 keep-alive client for the replicas' float32 route, on aiohttp: 0.5 ms of client
+    CPU per call where httpx spent 1.4 (same shard, same loop, measured side by side; the
+    API makes one call per shard per search, more when it hedges). A session belongs to one
+    event loop; used from another (a test client's loop per request) it opens its own."""
+
+    def __init__(self, timeout_s: float, max_connections: int = 256):
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.max_connections = max_connections
+        self._bound: tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession] | None = None
+
+    def _session(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._bound is None or self._bound[0] is not loop:
+            connector = aiohttp.TCPConnector(limit=self.max_connections)
+            self._bound = (loop, aiohttp.ClientSession(connector=connector, timeout=self.timeout,
+                                                       auto_decompress=False))
+        return self._bound[1]
+
+    async def search(self, url: str, query: ShardQuery) -> dict:
+        """One replica's answer to `query` (raises on a connection error or a non-2xx)."""
+        async with self._session().post(f"{url}{F32_ROUTE}", data=query.vector,
+                                        params=query.params, headers=F32_HEADERS) as r:
+            r.raise_for_status()
+            return await r.json()
+
+    async def close(self) -> None:
+        if self._bound is not None and self._bound[0] is asyncio.get_running_loop():
+            await self._bound[1].close()
+        self._bound = None
 
 
 @dataclass
@@ -107,7 +139,7 @@ class ShardTopology:
 
 
 class Fanout:
-    def __init__(self, topology: ShardTopology, client: httpx.AsyncClient,
+    def __init__(self, topology: ShardTopology, client: ShardClient,
                  tracker: LatencyTracker | None = None, hedge: bool = True):
         self.topology, self.client = topology, client
         self.tracker = tracker or LatencyTracker()
@@ -116,9 +148,10 @@ class Fanout:
 
     def _let_finish(self, tasks) -> None:
         """Leave a hedge's loser or a shard past the deadline to finish in the background
-        instead of cancelling it: a cancelled httpx request can strand its pool connection
-        and socket (encode/httpcore#1093; the soak saw the API's fds grow ~5 a minute). The
-        client's timeout bounds how long it runs; its result is dropped."""
+        instead of cancelling it: a cancelled request can strand its pool connection and
+        socket (httpx did, encode/httpcore#1093: the soak saw the API's fds grow ~5 a
+        minute), and a finished one returns its connection to the pool for the next search.
+        The client's timeout bounds how long it runs; its result is dropped."""
         for task in tasks:
             self._background.add(task)
             task.add_done_callback(self._reap)
@@ -131,10 +164,7 @@ class Fanout:
     async def _ask(self, url: str, shard_id: int, query: ShardQuery, hedged: bool
                    ) -> ShardAnswer:
         t0 = time.perf_counter()
-        r = await self.client.post(f"{url}{F32_ROUTE}", content=query.vector,
-                                   params=query.params, headers=F32_HEADERS)
-        r.raise_for_status()
-        body = r.json()
+        body = await self.client.search(url, query)
         ms = (time.perf_counter() - t0) * 1000
         return ShardAnswer(
             shard_id=shard_id, replica=url,

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 from dataclasses import replace
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
-import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -27,7 +27,7 @@ from serving.api.admission import Admission, Overloaded
 from serving.api.app import ApiSettings, ApiState, create_app
 from serving.api.errors import Rejected, Unavailable, answer_api_error
 from serving.api.experiments import DEFAULT_CONFIG, ExperimentConfig
-from serving.api.fanout import Fanout, LatencyTracker, ShardTopology
+from serving.api.fanout import Fanout, LatencyTracker, ShardClient, ShardTopology
 from serving.api.impressions import ImpressionLog
 from serving.api.metrics import Metrics
 from serving.api.online import RankerBackend, create_online_app
@@ -105,19 +105,27 @@ def index(tiny_world, tmp_path_factory):
     return catalog, dict(zip(catalog["item_id"], vecs, strict=True)), features, stores
 
 
-def service(index, target: str | None = None, dead_shards=(), models=None, metrics=None):
+def _closed_port_url() -> str:
+    """A loopback URL nothing listens on: a dead replica (connection refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def service(index, serve, target: str | None = None, dead_shards=(), models=None,
+            metrics=None):
+    """The search service over the real shard apps on loopback HTTP (`serve`: the
+    `http_apps` fixture); `dead_shards` get a URL nothing answers."""
     catalog, vectors, features, stores = index
     target = target or catalog.loc[catalog["available"], "item_id"].iloc[0]
-    apps = {f"http://shard{s.shard_id}": create_shard_app(s, ItemFilter(features))
-            for s in stores if s.shard_id not in dead_shards}
-    client = httpx.AsyncClient(mounts={host: httpx.ASGITransport(app=app)
-                                       for host, app in apps.items()})
-    topology = ShardTopology({s.shard_id: [f"http://shard{s.shard_id}"] for s in stores})
+    topology = ShardTopology({
+        s.shard_id: [_closed_port_url() if s.shard_id in dead_shards
+                     else serve(create_shard_app(s, ItemFilter(features)))] for s in stores})
     tables = Tables(catalog.set_index("item_id")[["category", "image_path"]].to_dict("index"),
                     Reranker(features, RerankConfig(w_region=0.0, w_engagement=0.0)))
     live = Live(MODEL, 1, "v1", datetime.now(UTC), ["top", "bag"])
     models = models or StandInModels(vectors, target)
-    svc = SearchService(models, Fanout(topology, client, LatencyTracker()), tables,
+    svc = SearchService(models, Fanout(topology, ShardClient(5.0), LatencyTracker()), tables,
                         lambda: live, metrics or Metrics(), deadline_s=2.0)
     return svc, models, target
 
@@ -126,9 +134,9 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_search_detects_picks_the_salient_box_and_ranks_the_nearest_item_first(index):
+def test_search_detects_picks_the_salient_box_and_ranks_the_nearest_item_first(index, http_apps):
     catalog = index[0]
-    svc, models, target = service(index)
+    svc, models, target = service(index, http_apps)
     res = run(svc.search(SearchQuery(jpeg(), k=5)))
     assert [c[0] for c in models.calls] == ["detect_embed"]  # one Triton call
     assert res.box == pytest.approx(BOXES[1].tolist())  # the central box
@@ -142,8 +150,8 @@ def test_search_detects_picks_the_salient_box_and_ranks_the_nearest_item_first(i
     assert {"detect_embed_ms", "fanout_ms", "rerank_ms", "total_ms"} == set(res.timings_ms)
 
 
-def test_a_given_box_skips_the_detector_and_box_index_picks_a_detection(index):
-    svc, models, _ = service(index)
+def test_a_given_box_skips_the_detector_and_box_index_picks_a_detection(index, http_apps):
+    svc, models, _ = service(index, http_apps)
     res = run(svc.search(SearchQuery(jpeg(), box=[0.1, 0.2, 0.5, 0.6], k=3)))
     assert [c[0] for c in models.calls] == ["embed"] and "detect_ms" not in res.timings_ms
     assert res.box == [0.1, 0.2, 0.5, 0.6] and res.detected == []
@@ -164,8 +172,8 @@ def test_a_given_box_skips_the_detector_and_box_index_picks_a_detection(index):
     (SearchQuery(jpeg(), box=[float("nan"), 0, 1, 1]), 422, "box must be"),
     (SearchQuery(jpeg(), box_index=2), 422, "out of range"),
 ])
-def test_bad_queries_are_refused_with_a_reason(index, query, status, reason):
-    svc, models, _ = service(index)
+def test_bad_queries_are_refused_with_a_reason(index, query, status, reason, http_apps):
+    svc, models, _ = service(index, http_apps)
     with pytest.raises(Rejected, match=reason) as err:
         run(svc.search(query))
     assert err.value.status == status
@@ -173,8 +181,8 @@ def test_bad_queries_are_refused_with_a_reason(index, query, status, reason):
         assert models.calls == []
 
 
-def test_model_failures_map_to_503_and_422(index):
-    svc, models, _ = service(index)
+def test_model_failures_map_to_503_and_422(index, http_apps):
+    svc, models, _ = service(index, http_apps)
     models.fail = ModelUnavailable("triton down")
     with pytest.raises(Unavailable, match="detect_embed unavailable: triton down"):
         run(svc.search(SearchQuery(jpeg())))
@@ -183,27 +191,27 @@ def test_model_failures_map_to_503_and_422(index):
         run(svc.search(SearchQuery(jpeg(), box=[0, 0, 1, 1])))
 
 
-def test_an_embedder_of_another_model_is_never_searched(index):
+def test_an_embedder_of_another_model_is_never_searched(index, http_apps):
     catalog, vectors, _, _ = index
     models = StandInModels(vectors, catalog["item_id"].iloc[0], model_version="attributes/9")
-    svc, _, _ = service(index, models=models)
+    svc, _, _ = service(index, http_apps, models=models)
     with pytest.raises(Unavailable, match="attributes/9"):
         run(svc.search(SearchQuery(jpeg(), box=[0, 0, 1, 1])))
 
 
-def test_a_dead_shard_gives_a_partial_answer_and_all_dead_a_503(index):
+def test_a_dead_shard_gives_a_partial_answer_and_all_dead_a_503(index, http_apps):
     catalog, vectors, _, stores = index
-    svc, _, target = service(index, dead_shards=(1,))
+    svc, _, target = service(index, http_apps, dead_shards=(1,))
     res = run(svc.search(SearchQuery(jpeg(), box=[0, 0, 1, 1], k=10)))
     assert res.partial and res.missing_shards == [1]
     assert {layout.shard_of(i.item_id, PARAMS.n_shards) for i in res.items} == {0}
-    svc, _, _ = service(index, dead_shards=range(len(stores)))
+    svc, _, _ = service(index, http_apps, dead_shards=range(len(stores)))
     with pytest.raises(Unavailable, match="no shard answered"):
         run(svc.search(SearchQuery(jpeg(), box=[0, 0, 1, 1])))
 
 
-def test_detect_returns_the_boxes_and_the_default_pick(index):
-    svc, _, _ = service(index)
+def test_detect_returns_the_boxes_and_the_default_pick(index, http_apps):
+    svc, _, _ = service(index, http_apps)
     found = run(svc.detect(jpeg()))
     assert found.default_box == 1 and [d.box for d in found.boxes] == [
         pytest.approx(b) for b in BOXES.round(4).tolist()]
@@ -211,14 +219,14 @@ def test_detect_returns_the_boxes_and_the_default_pick(index):
 
 
 # --------------------------------------------------------------------------- both front doors
-def search_api(index, tmp_path) -> TestClient:
+def search_api(index, tmp_path, serve) -> TestClient:
     """The search API's routes over the real shards, its startup state set by hand (no
     Triton to start); the client runs no lifespan."""
     settings = ApiSettings(triton_url="-", triton_repo="-", index_root=str(tmp_path),
                            shards={}, world_root=str(tmp_path), features_path="-",
                            admin_token="t0ken")
     app = create_app(settings)
-    svc, _, _ = service(index, metrics=app.state.metrics)
+    svc, _, _ = service(index, serve, metrics=app.state.metrics)
     switcher = SimpleNamespace(live=svc.live())  # what /metrics and /readyz read
     app.state.loupe = ApiState(settings, app.state.metrics, svc, switcher, triton=None,
                                replica_health=None, admission=Admission(8, 0.1, 32))
@@ -236,14 +244,14 @@ def online_front_door(index, tmp_path) -> TestClient:
 
 
 def test_both_front_doors_refuse_bombs_and_oversized_images_before_any_work(index, tmp_path,
-                                                                            bomb_png):
+                                                                            bomb_png, http_apps):
     bomb = bomb_png
     assert len(bomb) < 1024 * 1024  # a small file of 400 Mpx
     cases = {"bomb": (bomb, 413, "pixels"),
              "too many bytes": (jpeg() + b"\0" * MAX_IMAGE_BYTES, 413, "bytes"),
              "too many pixels": (jpeg((4097, 4097)), 413, "pixels"),
              "not an image": (b"%PDF-1.4" * 20, 422, "decodable")}
-    for door, client, form in (("search", search_api(index, tmp_path), {}),
+    for door, client, form in (("search", search_api(index, tmp_path, http_apps), {}),
                                ("online", online_front_door(index, tmp_path), {"user_id": "u"})):
         for name, (data, status, reason) in cases.items():
             r = client.post("/v1/search", data=form, files={"image": ("q.jpg", data)})
@@ -264,8 +272,8 @@ def _requests_counted(text: str) -> dict[tuple[str, str], float]:
 
 
 def test_request_metrics_name_route_templates_count_every_status_and_stay_bounded(
-        index, tmp_path):
-    client = search_api(index, tmp_path)
+        index, tmp_path, http_apps):
+    client = search_api(index, tmp_path, http_apps)
     rng = np.random.default_rng(0)
     for n in range(1000):
         word = "".join(rng.choice(list("abcdefghij"), 12))
@@ -285,10 +293,10 @@ def test_request_metrics_name_route_templates_count_every_status_and_stay_bounde
 
 
 def test_every_request_writes_one_json_log_line_with_its_id_and_versions(index, tmp_path,
-                                                                         caplog):
+                                                                         caplog, http_apps):
     import json
 
-    client = search_api(index, tmp_path)
+    client = search_api(index, tmp_path, http_apps)
     caplog.set_level("INFO", logger="loupe.requests")
     r = client.post("/v1/search", files={"image": ("q.jpg", jpeg())},
                     headers={"X-Request-ID": "shopper-42.a", "X-Admin-Token": "s3cret-token"})
@@ -307,11 +315,11 @@ def test_every_request_writes_one_json_log_line_with_its_id_and_versions(index, 
     assert "s3cret-token" not in caplog.text and "no/such" not in caplog.text
 
 
-def test_an_oversized_body_is_refused_while_it_streams(index, tmp_path):
+def test_an_oversized_body_is_refused_while_it_streams(index, tmp_path, http_apps):
     """A declared Content-Length over the limit gets a 413 before the body is read; a
     chunked upload gets a 413 once the bytes received pass the limit. (The test client
     drains the body regardless; the app stops reading at the limit.)"""
-    client = search_api(index, tmp_path)
+    client = search_api(index, tmp_path, http_apps)
     chunk = b"\0" * (1 << 20)
 
     def body():
