@@ -24,13 +24,12 @@ import os
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import pandas as pd
 import uvicorn
-from fastapi import FastAPI, Header, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from serving.shards.store import NotReady, SearchResult, ShardStore, VersionMismatch
@@ -70,6 +69,25 @@ class ItemFilter:
         return not filters.regions or self.region.get(item_id) in filters.regions
 
 
+def _int_param(raw: str | None, name: str, lo: int, hi: int) -> int:
+    try:
+        value = int(raw) if raw is not None else None
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise HTTPException(422, f"query parameter {name} must be an integer within "
+                                 f"{lo}..{hi}, got {raw!r}")
+    return value
+
+
+def _bool_param(raw: str, name: str) -> bool:
+    if raw.lower() in ("true", "1"):
+        return True
+    if raw.lower() in ("false", "0"):
+        return False
+    raise HTTPException(422, f"query parameter {name} must be true or false, got {raw!r}")
+
+
 def create_shard_app(store: ShardStore, item_filter: ItemFilter | None = None,
                      admin_token: str = "") -> FastAPI:
     @asynccontextmanager
@@ -94,12 +112,16 @@ def create_shard_app(store: ShardStore, item_filter: ItemFilter | None = None,
                 if item_filter.keep(i, filters)][:k]
         return replace(res, item_ids=[i for i, _ in kept], scores=[s for _, s in kept])
 
-    async def _answer(vec: np.ndarray, k: int, model_version: str | None,
-                      filters: Filters | None) -> SearchResult:
+    def _answer(vec: np.ndarray, k: int, model_version: str | None, filters: Filters | None
+                ) -> SearchResult:
+        """On the event loop itself: one search is a fraction of a millisecond on one core,
+        and handing it to a worker thread cost 0.26 of the replica's 0.93 CPU ms per call
+        (measured side by side, k=50 filtered). A replica is one core's worth of work; more
+        replicas, not threads, use more cores."""
         if not np.all(np.isfinite(vec)):
             raise HTTPException(422, "vector has non-finite values")
         try:
-            return await asyncio.to_thread(_search, vec, k, model_version, filters)
+            return _search(vec, k, model_version, filters)
         except VersionMismatch as err:
             raise HTTPException(409, str(err)) from err
         except NotReady as err:
@@ -114,19 +136,19 @@ def create_shard_app(store: ShardStore, item_filter: ItemFilter | None = None,
     @app.post("/search")
     async def search(req: SearchRequest):
         """JSON in and out, one object per hit: for people and scripts (curl)."""
-        res = await _answer(np.asarray(req.vector, dtype=np.float32), req.k,
+        res = _answer(np.asarray(req.vector, dtype=np.float32), req.k,
                             req.model_version, req.filters)
         # plain JSON types already: FastAPI's jsonable_encoder would cost ~0.2 ms per answer
         return JSONResponse({**_head(res), "hits": [{"item_id": i, "score": s} for i, s in
                                                      zip(res.item_ids, res.scores, strict=True)]})
 
-    @app.post(F32_ROUTE)
-    async def search_f32(request: Request, k: Annotated[int, Query(ge=1, le=1000)],
-                         model_version: str | None = None, available_only: bool = False,
-                         regions: str | None = None):
+    async def search_f32(request: Request) -> Response:
         """The search API's route: the body is the query vector as raw little-endian float32
         (no JSON floats to format and parse), the answer two columns, `item_ids` and
-        `scores`, best first. Filters are query parameters (`regions` comma-separated)."""
+        `scores`, best first. Filters are query parameters (`regions` comma-separated).
+        A plain Starlette route: FastAPI's parameter solving cost more CPU than the ANN."""
+        params = request.query_params
+        k = _int_param(params.get("k"), "k", 1, 1000)
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -135,10 +157,15 @@ def create_shard_app(store: ShardStore, item_filter: ItemFilter | None = None,
         if not body or len(body) % 4:
             raise HTTPException(422, f"the body must be a float32 vector ({len(body)} bytes "
                                      "is not a positive multiple of 4)")
-        filters = Filters(available_only=available_only,
+        regions = params.get("regions")
+        filters = Filters(available_only=_bool_param(params.get("available_only", "false"),
+                                                     "available_only"),
                           regions=regions.split(",") if regions else None)
-        res = await _answer(np.frombuffer(bytes(body), dtype="<f4"), k, model_version, filters)
+        res = _answer(np.frombuffer(bytes(body), dtype="<f4"), k,
+                            params.get("model_version"), filters)
         return JSONResponse({**_head(res), "item_ids": res.item_ids, "scores": res.scores})
+
+    app.add_route(F32_ROUTE, search_f32, methods=["POST"])
 
     @app.get("/healthz")
     async def healthz():

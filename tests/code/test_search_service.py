@@ -410,7 +410,9 @@ def test_the_float32_shard_route_answers_what_the_json_route_answers(index):
     (np.full(256, np.nan, "<f4").tobytes(), {"k": 5}, 422, "non-finite"),
     (np.ones(8, "<f4").tobytes(), {"k": 5}, 422, "query vectors must be"),
     (np.ones(4097, "<f4").tobytes(), {"k": 5}, 413, "at most 4096"),
-    (np.ones(256, "<f4").tobytes(), {"k": 0}, 422, "greater than or equal"),
+    (np.ones(256, "<f4").tobytes(), {"k": 0}, 422, "k must be an integer within 1..1000"),
+    (np.ones(256, "<f4").tobytes(), {}, 422, "k must be an integer"),
+    (np.ones(256, "<f4").tobytes(), {"k": 5, "available_only": "maybe"}, 422, "true or false"),
     (np.ones(256, "<f4").tobytes(), {"k": 5, "model_version": "other/1"}, 409, "other/1"),
 ])
 def test_the_float32_shard_route_refuses_bad_vectors_with_a_reason(index, body, params,
