@@ -166,7 +166,7 @@ async def search(state: State, request: Request, image: Annotated[UploadFile, Fi
     async with state.admission.slot():
         result = await state.service.search(query)
     # plain JSON types already: FastAPI's jsonable_encoder would cost ~0.2 ms per search
-    return JSONResponse(asdict(result))
+    return JSONResponse(result.to_json())
 
 
 @search_router.get("/healthz")

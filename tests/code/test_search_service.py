@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
@@ -148,6 +148,7 @@ def test_search_detects_picks_the_salient_box_and_ranks_the_nearest_item_first(i
         row["category"], "/world/" + row["image_path"])
     assert (res.model_version, res.index_version, res.partial) == (MODEL, "v1", False)
     assert {"detect_embed_ms", "fanout_ms", "rerank_ms", "total_ms"} == set(res.timings_ms)
+    assert res.to_json() == asdict(res)  # the response body, without asdict's deep copy
 
 
 def test_a_given_box_skips_the_detector_and_box_index_picks_a_detection(index, http_apps):
