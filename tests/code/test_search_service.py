@@ -125,13 +125,26 @@ def service(index, serve, target: str | None = None, dead_shards=(), models=None
                     Reranker(features, RerankConfig(w_region=0.0, w_engagement=0.0)))
     live = Live(MODEL, 1, "v1", datetime.now(UTC), ["top", "bag"])
     models = models or StandInModels(vectors, target)
-    svc = SearchService(models, Fanout(topology, ShardClient(5.0), LatencyTracker()), tables,
+    client = ShardClient(5.0)
+    CLIENTS.append(client)
+    svc = SearchService(models, Fanout(topology, client, LatencyTracker()), tables,
                         lambda: live, metrics or Metrics(), deadline_s=2.0)
     return svc, models, target
 
 
+CLIENTS: list[ShardClient] = []  # every service's shard client, closed after each run
+
+
 def run(coro):
-    return asyncio.run(coro)
+    """`coro` on a new event loop, the shard clients' sessions on it closed after."""
+    async def closing():
+        try:
+            return await coro
+        finally:
+            for client in CLIENTS:
+                await client.close()
+
+    return asyncio.run(closing())
 
 
 def test_search_detects_picks_the_salient_box_and_ranks_the_nearest_item_first(index, http_apps):
