@@ -78,7 +78,8 @@ def _features(world: Path, out: Path) -> Path:
     return out
 
 
-def prepare(work: Path, ort_threads: int, instances: int) -> Prepared:
+def prepare(work: Path, ort_threads: int, instances: int, detect_embed_instances: int = 2
+            ) -> Prepared:
     """Everything the stack needs under `work`; each piece is reused when present."""
     from pipelines.embed import EmbedParams, catalog_treatment, reembed
     from pipelines.index import IndexParams, publish
@@ -107,10 +108,10 @@ def prepare(work: Path, ort_threads: int, instances: int) -> Prepared:
     if not features.is_file():
         _features(world, features)
     index_root = work / "index"
-    if pointer.read(index_root) is None:
-        params = IndexParams.load()
-        emb = work / "embeddings"
-        shutil.rmtree(emb, ignore_errors=True)
+    params = IndexParams.load()
+    if pointer.read(index_root) is None or pointer.live_manifest(index_root)["params"] != \
+            params.build_params():  # none yet, or built with other index params: (re)build
+        emb = work / "embeddings"  # re-embedding resumes: a finished one is reused as it is
         treatment = catalog_treatment(embedder, detector, world, DETECTOR, threads=2)
         reembed(world, MODEL, treatment, emb, None, 8192,
                 n_partitions=EmbedParams.load().n_partitions, validate=False,
@@ -120,7 +121,8 @@ def prepare(work: Path, ort_threads: int, instances: int) -> Prepared:
     repo = work / "triton_repo"
     shutil.rmtree(repo, ignore_errors=True)
     add_version(repo, MODEL, embedder, detector, DETECTOR,
-                TritonModelConfig(instances=instances, ort_threads=ort_threads))
+                TritonModelConfig(instances=instances, ort_threads=ort_threads,
+                                  detect_embed_instances=detect_embed_instances))
     return Prepared(world, tiny, embedder, detector, repo, index_root, features)
 
 
@@ -346,6 +348,10 @@ def triton_delta(before: dict, after: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- main
+def cores_default() -> int:
+    return len(os.sched_getaffinity(0))
+
+
 def table(report: dict) -> str:
     rows = [("concurrency", "p50 ms", "p95 ms", "p99 ms", "QPS", "detect+embed p50",
              "fan-out p50", "rerank p50", "api other p50", "outside api p50")]
@@ -367,7 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=40)
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--ort-threads", type=int, default=1, help="onnxruntime threads per model")
-    ap.add_argument("--instances", type=int, default=1, help="Triton instances per model")
+    ap.add_argument("--instances", type=int, default=1,
+                    help="Triton instances of detector and embedder")
+    ap.add_argument("--detect-embed-instances", type=int, default=cores_default(),
+                    help="Triton instances of detect_embed (the search path's model call)")
     ap.add_argument("--out", type=Path, default=REPO / "reports" / "bench_serve.json")
     args = ap.parse_args(argv)
 
@@ -376,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     from serving.stack import ServingStack
 
     cores = len(os.sched_getaffinity(0))
-    prep = prepare(args.work, args.ort_threads, args.instances)
+    prep = prepare(args.work, args.ort_threads, args.instances, args.detect_embed_instances)
     photos = query_photos(prep.world)
     candidates = ApiSettings.__dataclass_fields__["candidates_per_shard"].default
     alone = measure_alone(prep, photos, candidates)
@@ -428,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         "queries": f"{len(photos)} demo-world room scenes, 256x256 JPEG, no box given; query "
                    "content does not change the cost of any stage (pixel count does)",
         "cores": cores, "replicas": args.replicas, "n_shards": alone["n_shards"],
-        "triton": {"instances_per_model": args.instances, "ort_threads": args.ort_threads},
+        "triton": {"instances_per_model": args.instances,
+                   "detect_embed_instances": args.detect_embed_instances,
+                   "ort_threads": args.ort_threads},
         "p50_ms_c1": levels["1"]["p50_ms"], "p95_ms_c1": levels["1"]["p95_ms"],
         "p99_ms_c1": levels["1"]["p99_ms"], "p95_ms_c8": levels["8"]["p95_ms"],
         "p99_ms_c8": levels["8"]["p99_ms"],

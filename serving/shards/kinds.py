@@ -35,9 +35,9 @@ class ShardParams:
 
     kind: str = HNSW_FP16
     n_shards: int = 2
-    hnsw_m: int = 16
+    hnsw_m: int = 24  # as params.yaml (its comment says why)
     ef_construction: int = 100
-    ef_search: int = 64
+    ef_search: int = 32
     ivf_nlist: int = 256
     pq_m: int = 32
     pq_nbits: int = 8

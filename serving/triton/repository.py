@@ -34,6 +34,9 @@ class TritonModelConfig:
     running batch anyway, so batches still form (measured: see /work/shared notes)."""
 
     instances: int = 1
+    # the search path's one call does all of a query's model work: one instance per core
+    # (one instance held a 2-core host to 87 QPS at 71% CPU, bench/serve.py)
+    detect_embed_instances: int = 2
     ort_threads: int = 1
     max_batch: int = 16
     queue_delay_us: int = 0
@@ -133,7 +136,8 @@ def model_config(name: str, versions: Iterable[int], cfg: TritonModelConfig):
             field.add(name=tensor, data_type=mc.DataType.Value(dtype),
                       dims=[cfg.embedding_dim] if dims is None else dims)
     config.dynamic_batching.max_queue_delay_microseconds = cfg.queue_delay_us
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=cfg.instances)
+    count = cfg.detect_embed_instances if name == "detect_embed" else cfg.instances
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=count)
     config.version_policy.specific.versions.extend(sorted(set(versions)))
     config.parameters["ORT_THREADS"].string_value = str(cfg.ort_threads)
     return config

@@ -204,7 +204,8 @@ def test_triton_serves_the_repository_the_rollout_writes(tmp_path):
     for model in repository.MODELS:
         for n in (3, 4):
             (tmp_path / model / str(n)).mkdir(parents=True)
-    cfg = repository.TritonModelConfig(instances=2, ort_threads=3, embedding_dim=128)
+    cfg = repository.TritonModelConfig(instances=2, detect_embed_instances=3, ort_threads=3,
+                                       embedding_dim=128)
     assert repository.serve_versions(tmp_path, [4, 3], cfg) == [3, 4]
     configs = {m: _model_config((tmp_path / m / "config.pbtxt").read_text())
                for m in repository.MODELS}
@@ -213,7 +214,7 @@ def test_triton_serves_the_repository_the_rollout_writes(tmp_path):
         assert served.name == name and served.backend == "python"
         assert list(served.version_policy.specific.versions) == [3, 4]
         assert [(g.kind, g.count) for g in served.instance_group] == [
-            (mc.ModelInstanceGroup.KIND_CPU, 2)]
+            (mc.ModelInstanceGroup.KIND_CPU, 3 if name == "detect_embed" else 2)]
         assert served.parameters["ORT_THREADS"].string_value == "3"
         assert served.HasField("dynamic_batching")
     assert _io(configs["embedder"]) == (("IMAGE", mc.TYPE_STRING, (1,)),
