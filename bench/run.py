@@ -57,13 +57,15 @@ def aggregate(index: dict, serve: dict, rollout: dict, reembed: dict, gpu: dict)
             "alone_cpu_ms_per_query": serve["alone"]["total_cpu_ms_per_query"],
             "compute_bound_qps": serve["compute_bound_qps"],
             "qps_c8_over_compute_bound": serve["qps_c8_over_compute_bound"],
+            "p95_c1_over_floor": serve["p95_c1_over_floor"],
             "stack_cpu_bound_qps_c8": serve["stack_cpu_bound_qps_c8"],
             "machinery_cpu_ms_per_query_c8": serve["machinery_cpu_ms_per_query_c8"],
             "cores_used_share": {c: serve["levels"][c]["cpu_utilization"] for c in CONCURRENCY},
             "aims": serve["aims"]},
         "index": {k: index[k] for k in (
             "items", "n_shards", "recall_at_10", "qps_per_shard", "qps_per_shard_faiss_index",
-            "hnswlib_qps_at_equal_recall", "qps_ratio_vs_hnswlib", "bytes_per_vector_hnsw",
+            "hnswlib_qps_at_equal_recall", "qps_ratio_vs_hnswlib", "shard_qps_over_hnswlib",
+            "store_over_faiss_index", "bytes_per_vector_hnsw",
             "bytes_per_vector_pq", "hnswlib_bytes_per_vector")}
         | {"recall_at_10_pq": index["ivfpq"]["recall_at_10"], "qps_per_shard_pq":
            index["ivfpq"]["qps"], "loadavg": index.get("loadavg", "not recorded")},
@@ -89,7 +91,7 @@ def _table(head, rows) -> list[str]:
 
 def markdown(report: dict) -> str:
     s, ix, st = report["serving"], report["index"], report["streaming"]
-    lines = ["# Loupe benchmarks (`make bench`, large world)", "",
+    lines = ["# Loupe benchmarks (`make bench`)", "",
              f"Machine: {report['machine']['cores']} cores, shared with other work; load "
              f"average (1/5/15 min) at the start of each serving level: " + ", ".join(
                  f"c={c} {report['machine']['serve_loadavg'][c]['before']}"
@@ -106,7 +108,8 @@ def markdown(report: dict) -> str:
                            for x in STAGES)) for c in CONCURRENCY])
     lines += [f"Models + ANN alone: {s['alone_cpu_ms_per_query']} CPU ms per query -> "
               f"compute_bound_qps {s['compute_bound_qps']}; qps_c8 / compute_bound = "
-              f"{s['qps_c8_over_compute_bound']}. Aims: " + "; ".join(
+              f"{s['qps_c8_over_compute_bound']}; p95 at c=1 / the compute floor = "
+              f"{s['p95_c1_over_floor']}. Aims: " + "; ".join(
                   f"{k}: {'met' if v else 'NOT met'}" for k, v in s["aims"].items()) + ".",
               f"The whole stack spends {s['machinery_cpu_ms_per_query_c8']} CPU ms per query "
               f"beyond the models and the ANN (c=8), which alone caps it at "
@@ -125,6 +128,8 @@ def markdown(report: dict) -> str:
                                                  f"{ix['qps_per_shard_faiss_index']:.0f}"),
         ("QPS hnswlib at equal recall", f"{ix['hnswlib_qps_at_equal_recall']:.0f}"),
         ("QPS ratio FAISS / hnswlib", f"{ix['qps_ratio_vs_hnswlib']:.2f}"),
+        ("QPS ratio ShardStore / hnswlib (shard_qps_over_hnswlib)",
+         f"{ix['shard_qps_over_hnswlib']:.2f}"),
         ("bytes / vector HNSW fp16 / hnswlib fp32 / IVF-PQ",
          f"{ix['bytes_per_vector_hnsw']:.0f} / {ix['hnswlib_bytes_per_vector']:.0f} / "
          f"{ix['bytes_per_vector_pq']:.0f}"),

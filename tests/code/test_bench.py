@@ -62,14 +62,16 @@ def _serve() -> dict:
             "index": "large", "queries": "scenes", "levels": levels,
             "stages": {c: lv["stages"] for c, lv in levels.items()},
             "alone": {"total_cpu_ms_per_query": 10.0}, "compute_bound_qps": 200.0,
-            "qps_c8_over_compute_bound": 0.015, "stack_cpu_bound_qps_c8": 117.6,
+            "qps_c8_over_compute_bound": 0.015, "p95_c1_over_floor": 1.0,
+            "stack_cpu_bound_qps_c8": 117.6,
             "machinery_cpu_ms_per_query_c8": 7.0, "aims": {"p95_ms_c1_le_50": True}}
 
 
 def _index() -> dict:
     return {"items": 7200, "n_shards": 2, "recall_at_10": 0.98, "qps_per_shard": 5000.0,
             "qps_per_shard_faiss_index": 7000.0, "hnswlib_qps_at_equal_recall": 8000.0,
-            "qps_ratio_vs_hnswlib": 0.875, "bytes_per_vector_hnsw": 656.0,
+            "qps_ratio_vs_hnswlib": 0.875, "shard_qps_over_hnswlib": 0.625,
+            "store_over_faiss_index": 0.71, "bytes_per_vector_hnsw": 720.0,
             "bytes_per_vector_pq": 47.0, "hnswlib_bytes_per_vector": 1172.0,
             "ivfpq": {"recall_at_10": 0.95, "qps": 3000.0}, "inserts_per_s": 50000.0,
             "streaming": {"ingest_to_searchable_p50_s": 0.1},
@@ -88,6 +90,7 @@ def test_aggregate_and_markdown():
                                                  "p99_ms": 80.0, "qps": 3.0}
     assert report["serving"]["stages_p50_ms"]["1"]["fanout_ms"] == 4.0
     assert report["index"]["recall_at_10_pq"] == 0.95
+    assert report["index"]["shard_qps_over_hnswlib"] == 0.625
     md = markdown(report)
     assert "| 8 | 80.0 | 80.0 | 80.0 | 3.0 |" in md
     assert "| 1 | 8.0 / 8.0 | 4.0 / 4.0 | 0.5 / 0.5 |" in md
@@ -95,6 +98,7 @@ def test_aggregate_and_markdown():
     assert "| 4 | 5.0 | 12.0 | 50% |" in md
     assert "GPU variant skipped: no GPU" in md
     assert "p95_ms_c1_le_50: met" in md and "c=8 [1.0, 1.0, 1.0]" in md
+    assert "floor = 1.0" in md and "(shard_qps_over_hnswlib) | 0.62 |" in md
 
 
 def test_debias_seed_study_trains_both_variants_per_seed(tiny_world, tiny_harvest, tmp_path):
