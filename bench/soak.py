@@ -24,9 +24,13 @@ Invariants checked at the end (`invariants` in the report, exit 1 when one fails
 - every feed event applied exactly once: the indexer's checkpoint reached the last offset
   (lost 0), no feed offset appears twice in the delta log (duplicated 0), and each item's
   last delta row is its last feed event's operation;
-- RSS growth of the API and tritonserver from minute 2 (a quarter of a short run) to the end
-  under `RSS_GROWTH_BOUND_MB`, and their open fds at most `FD_GROWTH_BOUND` more (Triton's
-  from the rollback on, once both model versions have been loaded and one unloaded).
+- RSS growth of the API and tritonserver (with its python stubs) to the end under
+  `RSS_GROWTH_BOUND_MB`, and their open fds at most `FD_GROWTH_BOUND` more: the API's from
+  minute 2 (a fifth of a short run), Triton's from the last sample before the rollout, when
+  it served only the live version, as it does again after the compaction's cutover (each
+  switch reloads every served version: new stub processes, so only equal states compare).
+The operations run on their own thread, one after another; sampling goes on meanwhile, and
+a last sample is taken once they are done.
 Writes `reports/soak.json` and `reports/soak.png` (per-minute plot).
 """
 
@@ -51,8 +55,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-RSS_GROWTH_BOUND_MB = 64.0  # per long-lived process, minute 2 to the end
+RSS_GROWTH_BOUND_MB = 64.0  # per long-lived process, from its baseline to the end
 FD_GROWTH_BOUND = 16
+PLAN = ((0.3, "rollout"), (0.5, "rollback"), (0.7, "compaction"))  # share of the run
+OPERATIONS_GRACE_S = 180.0  # traffic goes on while a late operation finishes
 MODEL_V1, MODEL_V2, DETECTOR = "loupe-embedder/1", "loupe-embedder/2", "loupe-detector/1"
 ADMIN_TOKEN = "soak-admin-token"
 
@@ -84,9 +90,11 @@ class Timeline:
     feed_offsets: list[int] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def mark(self, t0: float, kind: str, **info) -> None:
+    def mark(self, t0: float, kind: str, at: float | None = None, **info) -> None:
+        """An event at `at` (monotonic; default now), as seconds into the run."""
+        at = time.monotonic() if at is None else at
         with self.lock:
-            self.events.append({"t_s": round(time.monotonic() - t0, 1), "kind": kind, **info})
+            self.events.append({"t_s": round(at - t0, 1), "kind": kind, **info})
 
 
 # --------------------------------------------------------------------------- set-up
@@ -186,6 +194,25 @@ def _chaos(stack, cfg: SoakConfig, t0: float, stop: threading.Event, tl: Timelin
         replica = rng.randrange(len(procs))
         procs[replica].kill()
         tl.mark(t0, "kill -9", process=f"shard{shard}-r{replica}")
+
+
+def _operations(steps: dict, cfg: SoakConfig, t0: float, stop: threading.Event,
+                tl: Timeline, failed: list[BaseException], progress) -> None:
+    """The day's operations at their share of the run, one after another (a rollback waits for
+    its rollout), on their own thread so sampling and traffic go on while one runs."""
+    try:
+        for share, op in PLAN:
+            if stop.wait(max(0.0, t0 + share * cfg.minutes * 60 - time.monotonic())):
+                return
+            started = time.monotonic()
+            done = steps[op]()
+            tl.mark(t0, op, at=started, to=done.get("to", done.get("index_version")),
+                    model_version=done.get("model_version"), retries=done["retries"],
+                    took_s=round(time.monotonic() - started, 1))
+            progress(f"[soak] {op} at {started - t0:.0f} s took "
+                     f"{time.monotonic() - started:.0f} s -> {done.get('model_version')}")
+    except BaseException as err:  # re-raised by run_soak once the stack is stopped
+        failed.append(err)
 
 
 def _processes(stack) -> dict[str, psutil.Process]:
@@ -289,30 +316,28 @@ def run_soak(cfg: SoakConfig, work: Path, sw: SoakWorld | None = None,
                                                      random.Random(cfg.seed + 2)),
                                 daemon=True)]
     indexing = threading.Thread(target=indexer.run, args=(stop_indexer, 0.1), daemon=True)
+
+    def compaction() -> dict:
+        built = compact_once(index_cfg, datetime.now(UTC))  # the weekly DAG's steps
+        require_canary(paths.index_root, built["index_version"], sw.world,
+                       IndexParams.load().canary, queries_v1,
+                       expected_model_version=MODEL_V1)  # run_canary's check
+        return _switch(stack.url, "/admin/cutover", {"index_version": built["index_version"]})
+
+    steps = {"rollout": lambda: _switch(stack.url, "/admin/cutover", {"index_version": v2}),
+             "rollback": lambda: _switch(stack.url, "/admin/rollback"),
+             "compaction": compaction}
+    failed: list[BaseException] = []
+    operator = threading.Thread(target=_operations, args=(steps, cfg, t0, stop, tl, failed,
+                                                          progress), daemon=True)
     try:
-        for w in (*workers, indexing):
+        for w in (*workers, indexing, operator):
             w.start()
-        plan = [(0.3, "rollout"), (0.5, "rollback"), (0.7, "compaction")]
         end = t0 + cfg.minutes * 60
         next_sample = t0
-        while time.monotonic() < end:
+        while time.monotonic() < end or (operator.is_alive()
+                                         and time.monotonic() < end + OPERATIONS_GRACE_S):
             now = time.monotonic()
-            if plan and now - t0 >= plan[0][0] * cfg.minutes * 60:
-                _, op = plan.pop(0)
-                if op == "rollout":
-                    done = _switch(stack.url, "/admin/cutover", {"index_version": v2})
-                elif op == "rollback":
-                    done = _switch(stack.url, "/admin/rollback")
-                else:
-                    built = compact_once(index_cfg, datetime.now(UTC))  # the weekly DAG's
-                    require_canary(paths.index_root, built["index_version"], sw.world,
-                                   IndexParams.load().canary, queries_v1,
-                                   expected_model_version=MODEL_V1)  # run_canary's check
-                    done = _switch(stack.url, "/admin/cutover",
-                                   {"index_version": built["index_version"]})
-                tl.mark(t0, op, to=done.get("to", done.get("index_version")),
-                        model_version=done.get("model_version"), retries=done["retries"])
-                progress(f"[soak] {op} at {now - t0:.0f} s -> {done.get('model_version')}")
             if now >= next_sample:
                 tl.samples.append(_sample(stack, paths.index_root, t0))
                 next_sample += 10.0
@@ -324,9 +349,15 @@ def run_soak(cfg: SoakConfig, work: Path, sw: SoakWorld | None = None,
                              f"{len(tl.feed_offsets)} feed events, "
                              f"{len(stack.supervisor.restarts)} restarts")
             time.sleep(0.2)
+        tl.samples.append(_sample(stack, paths.index_root, t0))  # the end: every op done
         stop.set()
-        for w in workers:
+        for w in (*workers, operator):
             w.join(30)
+        if failed:
+            raise failed[0]
+        if operator.is_alive():
+            raise RuntimeError(f"the soak's operations were still running "
+                               f"{OPERATIONS_GRACE_S:.0f} s after its end: {tl.events}")
         healed = time.monotonic() + 60  # a kill just before the end: let the supervisor act
         while not all(p.alive() for procs in stack.shards.values() for p in procs) \
                 and time.monotonic() < healed:
@@ -388,7 +419,8 @@ def _report(cfg: SoakConfig, setup_s: float, tl: Timeline, restarts: list[dict],
     answers = sorted(tl.answers, key=lambda a: a.at)
     t0 = answers[0].at if answers else 0.0
     minutes = []
-    for m in range(int(np.ceil(cfg.minutes))):
+    last_minute = int((answers[-1].at - t0) // 60) if answers else 0  # a late op runs on
+    for m in range(max(int(np.ceil(cfg.minutes)), last_minute + 1)):
         inside = [a for a in answers if m * 60 <= a.at - t0 < (m + 1) * 60]
         ok = [a.ms for a in inside if a.status == 200]
         last = [s for s in tl.samples if s["t_s"] < (m + 1) * 60]
@@ -404,10 +436,15 @@ def _report(cfg: SoakConfig, setup_s: float, tl: Timeline, restarts: list[dict],
     from pipelines.ingest import FEED_OPS
 
     wrong_state = sorted(i for i, op in last_event.items() if last_row.get(i) != FEED_OPS[op])
-    warm_s = min(120.0, 0.25 * cfg.minutes * 60)  # minute 2 of a long run
-    rollback_s = next((e["t_s"] for e in tl.events if e["kind"] == "rollback"), warm_s)
+    warm_s = min(120.0, 0.2 * cfg.minutes * 60)  # minute 2 of a long run
+    operations = {op for _, op in PLAN}
+    first_op_s = min((e["t_s"] for e in tl.events if e["kind"] in operations),
+                     default=float("inf"))
+    # Triton reloads every served version at each switch; the compaction's cutover leaves only
+    # the live version loaded, as before the rollout: compare those two states
+    before_ops = max((x["t_s"] for x in tl.samples if x["t_s"] < first_op_s), default=0.0)
     growth = {"api": _growth(tl.samples, "api", warm_s),
-              "tritonserver": _growth(tl.samples, "tritonserver", rollback_s)}
+              "tritonserver": _growth(tl.samples, "tritonserver", before_ops)}
     feed = {"events": len(events), "checkpoint": checkpoint, "last_offset": last_offset,
             "lost": last_offset - checkpoint, "duplicated": len(offsets) - len(set(offsets)),
             "items_in_wrong_state": len(wrong_state), "delta_rows": len(rows)}

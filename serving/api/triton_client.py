@@ -13,6 +13,7 @@ Every call pins the Triton version number that the live index was built with.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,10 +139,11 @@ class TritonModels:
             return False
 
     async def load_models(self) -> None:
-        """Re-read the configs (the served-versions list) and load what they name."""
+        """Re-read the configs (the served-versions list) and load what they name, the three
+        models at once: Triton reloads every served version of a model whose config changed,
+        and one after another took 11 s on two idle cores, at once 5.5 to 7.8 s."""
         try:
-            for model in MODELS:
-                await self._client.load_model(model)
+            await asyncio.gather(*(self._client.load_model(model) for model in MODELS))
         except InferenceServerException as err:
             raise ModelUnavailable(f"triton at {self.url} failed to load models: "
                                    f"{err.message() or err}") from err

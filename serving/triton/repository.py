@@ -18,6 +18,7 @@ version before the index cutover (see `serving/api/app.py`, admin cutover).
 from __future__ import annotations
 
 import json
+import py_compile
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -70,6 +71,9 @@ def _install(model_dir: Path, number: int, files_from: Path | None, python_model
     else:
         shutil.copytree(files_from, tmp)
     shutil.copy(PYTHON_MODELS / python_model, tmp / "model.py")
+    # compiled here, so the stub's import writes no __pycache__ into a loaded version: Triton
+    # reloads a version whose directory changed, and every cutover reloaded the live one
+    py_compile.compile(str(tmp / "model.py"), dfile=str(final / "model.py"), doraise=True)
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
     tmp.rename(final)
     return final

@@ -299,7 +299,12 @@ def test_compaction_folds_delta_drops_tombstones_then_canary_and_cutover(live, t
         assert status["index_version"] == vdir.name
         assert status["delta_items"] == status["masked_base_items"] == 0
     after = [sorted(h.item_id for st in stores for h in st.search(q, 10).hits) for q in queries]
-    assert after == before  # the same answers, now without a delta
+    # the same answers, now without a delta: the rebuilt HNSW graph may swap a near-tie
+    # neighbour (1 of 1,400 at efSearch 32), never an upsert or a removed item
+    same = np.mean([len(set(x) & set(y)) / len(y) for x, y in zip(after, before, strict=True)])
+    assert same >= 0.99, same
+    upserts_found = {i for b in before for i in b if i.startswith("new")}
+    assert len(upserts_found) == 30 and upserts_found <= {i for a in after for i in a}
     assert not set(removed) & {i for b in after for i in b}
     assert prune_delta(live) == 0  # the previous version still needs every row
 

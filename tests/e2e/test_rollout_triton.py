@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
 
@@ -34,6 +35,10 @@ def _dag(dag_id: str):
     bag = DagBag(str(REPO_ROOT / "dags" / f"{dag_id}.py"))
     assert bag.import_errors == {}
     return bag.dags[dag_id]
+
+
+def _python_stubs(stack) -> set[int]:
+    return {p.pid for p in psutil.Process(stack.triton.process.pid).children()}
 
 
 def _states(dr) -> dict:
@@ -211,8 +216,11 @@ def test_attached_rollout_switches_model_and_index_together_canary_fail_and_roll
     Variable.set("loupe_admin_token", ADMIN_TOKEN)
     try:
         # 1. loupe-embedder/2: Triton version 2 exported beside the re-embed, then one switch
+        serving_v1 = _python_stubs(dep.stack)
         dr = dep.run("loupe_model_rollout", model=dep.models[1], **attached)
         assert dr.state == "success", _states(dr)
+        # the cutover loaded version 2 beside the live version 1 without reloading it
+        assert serving_v1 < _python_stubs(dep.stack)
         v2 = _xcom(dr, "plan")["index_version"]
         assert _xcom(dr, "export_triton")["triton_version"] == 2
         moved = _xcom(dr, "cutover")

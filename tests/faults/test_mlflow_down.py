@@ -99,6 +99,10 @@ class CuttingProxy:
                 answer = up.getresponse()
                 data = answer.read()
                 proxy.seen.append(self.path.split("?")[0])
+                cut_here = proxy.armed == (self.command,
+                                           self.path.split("?")[0].rsplit("/mlflow", 1)[-1])
+                if cut_here:  # before the answer leaves: the client's next call must not pass
+                    proxy.cut = True
                 self.send_response(answer.status)
                 for k, v in answer.getheaders():
                     if k.lower() not in ("connection", "transfer-encoding", "content-length"):
@@ -106,7 +110,7 @@ class CuttingProxy:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-                if proxy.armed == (self.command, self.path.split("?")[0].rsplit("/mlflow", 1)[-1]):
+                if cut_here:
                     proxy.outage()
 
             do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _relay
@@ -199,10 +203,12 @@ def test_mlflow_killed_mid_registration_and_promotion_leaves_nothing_half_regist
         reg.promotion_gate(cfg, ref)
     mlflow_path.back()
     assert reg.half_registered(client, cfg.model_name) == ["2"]
-    assert client.get_model_version("loupe-embedder", "2").tags[reg.DECISION] == reg.PROMOTING
+    tags = client.get_model_version("loupe-embedder", "2").tags
+    assert tags.get(reg.DECISION) == reg.PROMOTING, (tags, mlflow_path.seen[-8:])
     again = reg.promotion_gate(cfg, ref)  # the retry settles the interrupted one first
     assert not again.promoted and "already champion" in again.reason
-    assert client.get_model_version("loupe-embedder", "2").tags[reg.DECISION] == "promoted"
+    tags = client.get_model_version("loupe-embedder", "2").tags
+    assert tags.get(reg.DECISION) == "promoted", (tags, mlflow_path.seen[-8:])
     assert reg.version_for_alias(cfg, reg.CHAMPION) == ref
 
     # a promotion interrupted before `champion` moved is recorded as rejected, not promoted
@@ -211,8 +217,8 @@ def test_mlflow_killed_mid_registration_and_promotion_leaves_nothing_half_regist
     with pytest.raises(reg.RegistryUnavailable):
         reg.promotion_gate(cfg, better)
     mlflow_path.back()
-    assert client.get_model_version(better.name, better.version).tags[reg.DECISION] \
-        == reg.PROMOTING
+    tags = client.get_model_version(better.name, better.version).tags
+    assert tags.get(reg.DECISION) == reg.PROMOTING, (tags, mlflow_path.seen[-8:])
     settled = reg.settle_interrupted(client, cfg.model_name)
     assert len(settled) == 1 and "recorded as rejected" in settled[0]
     assert reg.version_for_alias(cfg, reg.CHAMPION) == ref
