@@ -44,7 +44,7 @@ real-photos: venv
 
 # ruff first: a lint error fails fast, before the multi-minute suites
 test: lint browser real-photos
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: lint
 	$(PY) -m pytest -q -m "not slow"

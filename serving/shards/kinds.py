@@ -98,10 +98,13 @@ def build_shard_from_arrays(item_ids: np.ndarray, vectors: np.ndarray, model_ver
         if meta["model_version"] != model_version:
             raise ValueError(f"{version_dir} already has shards of model "
                              f"{meta['model_version']!r}; refusing to add {model_version!r}")
-    mine = np.array([layout.shard_of(i, params.n_shards) == shard_id for i in item_ids],
-                    dtype=bool)
-    ids = np.asarray(item_ids, dtype=str)[mine]
-    vecs = np.ascontiguousarray(vectors[mine], dtype=np.float32)
+    if params.n_shards == 1:  # every item: no mask and no copy of a (memory-mapped) array
+        ids, vecs = np.asarray(item_ids, dtype=str), np.ascontiguousarray(vectors, np.float32)
+    else:
+        mine = np.array([layout.shard_of(i, params.n_shards) == shard_id for i in item_ids],
+                        dtype=bool)
+        ids = np.asarray(item_ids, dtype=str)[mine]
+        vecs = np.ascontiguousarray(vectors[mine], dtype=np.float32)
     if params.build_threads:
         faiss.omp_set_num_threads(params.build_threads)
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The soak bench's short variant: 90 s of the real stack with traffic, a growing feed,
+"""The soak bench's short variant: 60 s of the real stack with traffic, a growing feed,
 replica kills, a rollout, a rollback and a compaction; every invariant of bench/soak.py holds
 (`make soak` runs the 20-minute one that `reports/soak.json` records)."""
 
@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_a_short_soak_keeps_every_invariant(tiny_world, tiny_harvest, tiny_detector, tmp_path):
-    cfg = SoakConfig(minutes=1.5, search_qps=8.0, feed_events_first_minute=60,
+    cfg = SoakConfig(minutes=1.0, search_qps=8.0, feed_events_first_minute=60,
                      kill_every_s=(8.0, 14.0))
     report = run_soak(cfg, tmp_path / "soak",
                       SoakWorld(tiny_world, tiny_harvest, tiny_detector.export_dir))
@@ -26,9 +26,9 @@ def test_a_short_soak_keeps_every_invariant(tiny_world, tiny_harvest, tiny_detec
     totals, feed = report["totals"], report["feed"]
     assert totals["requests"] >= 0.8 * cfg.minutes * 60 * cfg.search_qps
     assert totals["errors"] == 0 and totals["partial"] == 0
-    assert feed["events"] >= 80 and feed["lost"] == feed["duplicated"] == 0  # 60 + 40 at least
-    minutes = report["per_minute"]
-    assert [m["minute"] for m in minutes] == [1, 2]
+    assert feed["events"] >= 50 and feed["lost"] == feed["duplicated"] == 0
+    minutes = report["per_minute"]  # a second one only if an operation ran late
+    assert [m["minute"] for m in minutes][:1] == [1] and len(minutes) <= 2
     assert sum(m["requests"] for m in minutes) == totals["requests"]
     assert all(m["p99_ms"] > 0 and {"api", "tritonserver"} <= set(m["processes"])
                for m in minutes)
